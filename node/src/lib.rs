@@ -1,0 +1,7 @@
+//! The Shoal node: an MQTT server whose every publish lands in a durable, partitioned log in
+//! redb, with an HTTP API and a CLI to read it back. See ARCHITECTURE.md for the code map
+//! and the data path.
+
+pub mod metrics;
+pub mod storage;
+pub mod types;

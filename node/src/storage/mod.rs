@@ -1,0 +1,744 @@
+//! Storage: the only code that opens redb. One redb file per node holds every topic's
+//! partition logs (one table per partition, `u64` offset -> versioned record), their
+//! bookkeeping, retained MQTT messages, persistent MQTT sessions and inbound packet-id
+//! state.
+//!
+//! Architecture invariant: all writes go through one dedicated writer thread fed by a bounded
+//! queue ([`writer`]), which group-commits many requests from many connections in one write
+//! transaction and one fsync, and only then tells each requester that its operations are
+//! durable. Reads use MVCC snapshots and never block the writer; callers on async workers
+//! run them through `spawn_blocking`.
+
+pub mod format;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+pub use format::{
+    Acks, InboundEntry, PartitionMeta, Record, RetainedMessage, SessionState, TopicConfig,
+};
+
+use crate::types::{Offset, Origin, PartitionId, RecordId};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
+const PARTITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("partitions");
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_retained");
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_sessions");
+const INBOUND: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("mqtt_inbound");
+
+/// File name of the node's database inside its data directory.
+pub const DB_FILE: &str = "shoal.redb";
+
+fn log_table_name(topic: &str, partition: u32) -> String {
+    format!("log/{topic}/{partition}")
+}
+
+/// Tuning for [`Storage::open`].
+#[derive(Clone, Debug)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    /// redb page cache; redb's own default (1 GiB) is far too much for an edge box.
+    pub cache_bytes: usize,
+    /// Capacity of the writer's request queue. A full queue makes appenders wait, which
+    /// reaches MQTT clients as slower PUBACKs (backpressure), never as unbounded memory.
+    pub queue_depth: usize,
+    /// Most operations folded into one write transaction.
+    pub max_batch_ops: usize,
+}
+
+impl StorageConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        StorageConfig {
+            data_dir: data_dir.into(),
+            cache_bytes: 32 << 20,
+            queue_depth: 4096,
+            max_batch_ops: 8192,
+        }
+    }
+}
+
+/// A record to append; the writer assigns its id, offset and ingest time.
+#[derive(Clone, Debug)]
+pub struct NewRecord {
+    pub key: Bytes,
+    pub subject: String,
+    pub payload: Bytes,
+    pub headers: Vec<(String, Bytes)>,
+    /// Device-supplied event time; `None` means "use the ingest time".
+    pub event_time_ms: Option<u64>,
+}
+
+/// One operation of a write request. All operations of all requests folded into one
+/// transaction commit (or fail) together.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Append {
+        topic: Arc<str>,
+        partition: PartitionId,
+        record: NewRecord,
+    },
+    CreateTopic(TopicConfig),
+    /// Store (`Some`) or delete (`None`) the retained message of an MQTT topic.
+    SetRetained {
+        topic: String,
+        message: Option<RetainedMessage>,
+    },
+    PutSession {
+        client_id: String,
+        state: SessionState,
+    },
+    DeleteSession {
+        client_id: String,
+    },
+    PutInbound {
+        client_id: String,
+        pkid: u16,
+        entry: InboundEntry,
+    },
+    RemoveInbound {
+        client_id: String,
+        pkid: u16,
+    },
+    /// Apply every topic's retention limits as of `now_ms`.
+    Retention {
+        now_ms: u64,
+    },
+}
+
+/// What one operation did, in request order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpOutcome {
+    Appended {
+        partition: PartitionId,
+        offset: Offset,
+        id: RecordId,
+    },
+    Done,
+    /// Retention deleted this many records in total.
+    Trimmed(u64),
+}
+
+/// A record as committed, handed to live subscribers right after its commit.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub topic: Arc<str>,
+    pub partition: PartitionId,
+    pub offset: Offset,
+    pub record: Arc<Record>,
+}
+
+/// The records of one write transaction, in commit order.
+pub type CommittedBatch = Arc<Vec<Committed>>;
+
+/// Errors of storage operations after open.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("topic {0:?} does not exist; create it first (shoal topic create {0})")]
+    UnknownTopic(String),
+    #[error("topic {topic:?} has {partitions} partitions; partition {partition} does not exist")]
+    UnknownPartition {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    #[error("invalid topic: {0}")]
+    InvalidTopic(String),
+    #[error("storage is shutting down; the operation was not written")]
+    ShuttingDown,
+    #[error("storage stopped after an I/O error and refuses writes until restart: {0}")]
+    Failed(String),
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("corrupt value in table {table}: {source}")]
+    Corrupt {
+        table: String,
+        source: format::FormatError,
+    },
+}
+
+impl StorageError {
+    /// True when the same operation may succeed if tried again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StorageError::ShuttingDown)
+    }
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self { StorageError::Db(e.to_string()) }
+        }
+    )*};
+}
+db_err!(
+    redb::TransactionError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::TableError,
+    redb::SetDurabilityError
+);
+
+/// Errors opening a data directory. Each names the path and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "{path} is not a Shoal data directory: it is not empty ({found}) and has no {DB_FILE}; \
+         pick an empty or new directory with --data-dir"
+    )]
+    NotADataDir { path: PathBuf, found: String },
+    #[error(
+        "{path} is not a Shoal database (it has no Shoal marker); it may belong to another \
+         program; move it away or pick another --data-dir"
+    )]
+    Foreign { path: PathBuf },
+    #[error(
+        "{path} was written by a newer Shoal (data directory version {found}, this build reads \
+         {supported}); upgrade shoal"
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u8,
+        supported: u8,
+    },
+    #[error("{path} is locked by another process (is another shoal running with this --data-dir?)")]
+    Locked { path: PathBuf },
+    #[error("{path} is corrupt or not a redb database: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("cannot use data directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+struct Inner {
+    db: Arc<Database>,
+    origin: Origin,
+    tx: mpsc::Sender<writer::Request>,
+    topics: Arc<RwLock<HashMap<String, TopicConfig>>>,
+    committed: broadcast::Sender<CommittedBatch>,
+    commits: watch::Receiver<u64>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+/// Handle to the node's storage; cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("path", &self.inner.path)
+            .field("origin", &self.inner.origin)
+            .finish()
+    }
+}
+
+/// A page of records read from one partition.
+#[derive(Clone, Debug, Default)]
+pub struct ReadBatch {
+    pub records: Vec<(Offset, Record)>,
+    /// First offset still stored.
+    pub log_start: Offset,
+    /// Offset the next append will get (the end of the log).
+    pub next_offset: Offset,
+}
+
+impl Storage {
+    /// Opens (or creates) the data directory. Refuses a foreign, corrupt, locked or newer
+    /// directory with an [`OpenError`] naming the path.
+    pub fn open(config: StorageConfig) -> Result<Storage, OpenError> {
+        let dir = &config.data_dir;
+        let path = dir.join(DB_FILE);
+        let io = |source| OpenError::Io {
+            path: dir.clone(),
+            source,
+        };
+        if dir.exists() && !dir.is_dir() {
+            return Err(io(std::io::Error::other("exists and is not a directory")));
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let fresh = !path.exists();
+        if fresh {
+            let mut others = std::fs::read_dir(dir)
+                .map_err(io)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>();
+            if !others.is_empty() {
+                others.sort();
+                others.truncate(3);
+                return Err(OpenError::NotADataDir {
+                    path: dir.clone(),
+                    found: format!("contains {}", others.join(", ")),
+                });
+            }
+        }
+        let db = Database::builder()
+            .set_cache_size(config.cache_bytes)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    OpenError::Locked { path: path.clone() }
+                }
+                redb::DatabaseError::Storage(redb::StorageError::Io(source))
+                    if source.kind() != std::io::ErrorKind::InvalidData =>
+                {
+                    OpenError::Io {
+                        path: path.clone(),
+                        source,
+                    }
+                }
+                other => OpenError::Corrupt {
+                    path: path.clone(),
+                    detail: other.to_string(),
+                },
+            })?;
+        let corrupt = |detail: String| OpenError::Corrupt {
+            path: path.clone(),
+            detail,
+        };
+        let origin = init_meta(&db, fresh, &path).map_err(|e| match e {
+            InitError::Open(e) => e,
+            InitError::Db(d) => corrupt(d),
+        })?;
+        let (topics, parts) = load_state(&db).map_err(|e| corrupt(e.to_string()))?;
+        let db = Arc::new(db);
+        let topics = Arc::new(RwLock::new(topics));
+        let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
+        let (committed, _) = broadcast::channel(1024);
+        let (commits_tx, commits) = watch::channel(0u64);
+        let state = writer::WriterState {
+            db: db.clone(),
+            origin,
+            topics: topics.clone(),
+            parts,
+            committed: committed.clone(),
+            commits: commits_tx,
+            max_batch_ops: config.max_batch_ops.max(1),
+            failed: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("shoal-storage-writer".into())
+            .spawn(move || writer::run(state, rx))
+            .map_err(io)?;
+        Ok(Storage {
+            inner: Arc::new(Inner {
+                db,
+                origin,
+                tx,
+                topics,
+                committed,
+                commits,
+                writer: Mutex::new(Some(handle)),
+                path,
+            }),
+        })
+    }
+
+    /// This data directory's origin id.
+    pub fn origin(&self) -> Origin {
+        self.inner.origin
+    }
+
+    /// Path of the redb file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Queues `ops` for the writer and returns as soon as they are queued; the receiver
+    /// resolves once they are durable (or failed). Waits while the queue is full.
+    pub async fn enqueue(&self, ops: Vec<Op>) -> Result<PendingWrite, StorageError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(writer::Request { ops, reply })
+            .await
+            .map_err(|_| StorageError::ShuttingDown)?;
+        Ok(PendingWrite(rx))
+    }
+
+    /// Writes `ops` and waits until they are durable.
+    pub async fn write(&self, ops: Vec<Op>) -> Result<Vec<OpOutcome>, StorageError> {
+        self.enqueue(ops).await?.await
+    }
+
+    /// Number of write requests waiting in the queue.
+    pub fn queue_len(&self) -> usize {
+        self.inner.tx.max_capacity() - self.inner.tx.capacity()
+    }
+
+    /// Creates a topic; fails with [`StorageError::TopicExists`] if it exists.
+    pub async fn create_topic(&self, config: TopicConfig) -> Result<TopicConfig, StorageError> {
+        self.write(vec![Op::CreateTopic(config.clone())]).await?;
+        Ok(config)
+    }
+
+    pub fn topic(&self, name: &str) -> Option<TopicConfig> {
+        self.inner
+            .topics
+            .read()
+            .ok()
+            .and_then(|t| t.get(name).cloned())
+    }
+
+    pub fn topics(&self) -> Vec<TopicConfig> {
+        let mut v: Vec<TopicConfig> = self
+            .inner
+            .topics
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Live feed of committed records. A receiver that falls behind gets `Lagged` and must
+    /// catch up from the log by offset.
+    pub fn subscribe_committed(&self) -> broadcast::Receiver<CommittedBatch> {
+        self.inner.committed.subscribe()
+    }
+
+    /// A counter bumped after every commit (for followers that re-read by offset).
+    pub fn watch_commits(&self) -> watch::Receiver<u64> {
+        self.inner.commits.clone()
+    }
+
+    fn check_partition(&self, topic: &str, partition: PartitionId) -> Result<(), StorageError> {
+        let cfg = self
+            .topic(topic)
+            .ok_or_else(|| StorageError::UnknownTopic(topic.to_string()))?;
+        if partition.0 >= cfg.partitions {
+            return Err(StorageError::UnknownPartition {
+                topic: topic.to_string(),
+                partition: partition.0,
+                partitions: cfg.partitions,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bookkeeping of one partition (blocking; call from `spawn_blocking` on async code).
+    pub fn partition_meta(
+        &self,
+        topic: &str,
+        partition: PartitionId,
+    ) -> Result<PartitionMeta, StorageError> {
+        self.check_partition(topic, partition)?;
+        let rtx = self.inner.db.begin_read()?;
+        read_partition_meta(&rtx, topic, partition.0)
+    }
+
+    /// Reads up to `limit` records (and about `max_bytes`) from `from` on (blocking). An
+    /// offset before the log start reads from the log start.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: PartitionId,
+        from: Offset,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<ReadBatch, StorageError> {
+        self.check_partition(topic, partition)?;
+        let rtx = self.inner.db.begin_read()?;
+        let meta = read_partition_meta(&rtx, topic, partition.0)?;
+        let mut batch = ReadBatch {
+            records: Vec::new(),
+            log_start: Offset(meta.log_start),
+            next_offset: Offset(meta.next_offset),
+        };
+        let name = log_table_name(topic, partition.0);
+        let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
+        let table = match rtx.open_table(def) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(batch),
+            Err(e) => return Err(e.into()),
+        };
+        let start = from.0.max(meta.log_start);
+        let mut bytes = 0usize;
+        for item in table.range(start..)? {
+            if batch.records.len() >= limit || (bytes >= max_bytes && !batch.records.is_empty()) {
+                break;
+            }
+            let (k, v) = item?;
+            bytes += v.value().len();
+            let record = format::decode(v.value()).map_err(|source| StorageError::Corrupt {
+                table: name.clone(),
+                source,
+            })?;
+            batch.records.push((Offset(k.value()), record));
+        }
+        Ok(batch)
+    }
+
+    /// The first offset whose record was ingested at or after `time_ms` (blocking). Offsets
+    /// are assigned in commit order, so ingest time never decreases along a partition on a
+    /// single node; this is a binary search over the log.
+    pub fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: PartitionId,
+        time_ms: u64,
+    ) -> Result<Offset, StorageError> {
+        self.check_partition(topic, partition)?;
+        let rtx = self.inner.db.begin_read()?;
+        let meta = read_partition_meta(&rtx, topic, partition.0)?;
+        let name = log_table_name(topic, partition.0);
+        let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
+        let table = match rtx.open_table(def) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Offset(meta.next_offset)),
+            Err(e) => return Err(e.into()),
+        };
+        let (mut lo, mut hi) = (meta.log_start, meta.next_offset);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let ingest = match table.get(mid)? {
+                Some(v) => {
+                    format::decode::<Record>(v.value())
+                        .map_err(|source| StorageError::Corrupt {
+                            table: name.clone(),
+                            source,
+                        })?
+                        .ingest_time_ms
+                }
+                // Trimmed concurrently: treat as older than anything.
+                None => 0,
+            };
+            if ingest < time_ms {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(Offset(lo))
+    }
+
+    /// Every retained message (blocking); the MQTT layer filters them.
+    pub fn retained(&self) -> Result<Vec<RetainedMessage>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        let table = match rtx.open_table(RETAINED) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (_, v) = item?;
+            out.push(
+                format::decode(v.value()).map_err(|source| StorageError::Corrupt {
+                    table: "mqtt_retained".into(),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// A persistent MQTT session, if one is stored (blocking).
+    pub fn session(&self, client_id: &str) -> Result<Option<SessionState>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        let table = match rtx.open_table(SESSIONS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match table.get(client_id)? {
+            Some(v) => Ok(Some(format::decode(v.value()).map_err(|source| {
+                StorageError::Corrupt {
+                    table: "mqtt_sessions".into(),
+                    source,
+                }
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Inbound packet-id state of a session (blocking).
+    pub fn inbound(&self, client_id: &str) -> Result<Vec<(u16, InboundEntry)>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        let table = match rtx.open_table(INBOUND) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for item in table.range((client_id, 0u16)..=(client_id, u16::MAX))? {
+            let (k, v) = item?;
+            let entry = format::decode(v.value()).map_err(|source| StorageError::Corrupt {
+                table: "mqtt_inbound".into(),
+                source,
+            })?;
+            out.push((k.value().1, entry));
+        }
+        Ok(out)
+    }
+
+    /// Stops accepting writes, commits everything already queued, and joins the writer.
+    /// Requests that arrive after that fail with [`StorageError::ShuttingDown`].
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        // A request with no operations is the stop marker (see `writer::run`).
+        if self
+            .inner
+            .tx
+            .send(writer::Request {
+                ops: Vec::new(),
+                reply,
+            })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        let handle = self.inner.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+/// Resolves once the operations of one request are durable.
+pub struct PendingWrite(oneshot::Receiver<Result<Vec<OpOutcome>, StorageError>>);
+
+impl std::future::Future for PendingWrite {
+    type Output = Result<Vec<OpOutcome>, StorageError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StorageError::ShuttingDown)))
+    }
+}
+
+enum InitError {
+    Open(OpenError),
+    Db(String),
+}
+
+macro_rules! init_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for InitError {
+            fn from(e: $t) -> Self { InitError::Db(e.to_string()) }
+        }
+    )*};
+}
+init_err!(
+    redb::TransactionError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::TableError
+);
+
+/// Writes the marker, version and origin into a fresh file, or checks them in an old one.
+fn init_meta(db: &Database, fresh: bool, path: &Path) -> Result<Origin, InitError> {
+    if !fresh {
+        let rtx = db.begin_read()?;
+        let table = match rtx.open_table(META) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => {
+                return Err(InitError::Open(OpenError::Foreign {
+                    path: path.to_path_buf(),
+                }));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let magic = table.get("magic")?.map(|v| v.value().to_vec());
+        if magic.as_deref() != Some(format::MAGIC) {
+            return Err(InitError::Open(OpenError::Foreign {
+                path: path.to_path_buf(),
+            }));
+        }
+        let version = table
+            .get("version")?
+            .and_then(|v| v.value().first().copied())
+            .unwrap_or(0);
+        if version > format::DATA_DIR_VERSION {
+            return Err(InitError::Open(OpenError::NewerFormat {
+                path: path.to_path_buf(),
+                found: version,
+                supported: format::DATA_DIR_VERSION,
+            }));
+        }
+        let origin = table
+            .get("origin")?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .ok_or_else(|| InitError::Db("meta/origin is missing or malformed".into()))?;
+        return Ok(Origin(u64::from_be_bytes(origin)));
+    }
+    let origin = Origin(rand::random::<u64>());
+    let wtx = db.begin_write()?;
+    {
+        let mut t = wtx.open_table(META)?;
+        t.insert("magic", format::MAGIC)?;
+        t.insert("version", &[format::DATA_DIR_VERSION][..])?;
+        t.insert("origin", &origin.0.to_be_bytes()[..])?;
+        t.insert("created_ms", &crate::types::now_ms().to_be_bytes()[..])?;
+        wtx.open_table(TOPICS)?;
+        wtx.open_table(PARTITIONS)?;
+    }
+    wtx.commit()?;
+    Ok(origin)
+}
+
+type LoadedState = (
+    HashMap<String, TopicConfig>,
+    HashMap<(Arc<str>, u32), PartitionMeta>,
+);
+
+fn load_state(db: &Database) -> Result<LoadedState, StorageError> {
+    let rtx = db.begin_read()?;
+    let mut topics = HashMap::new();
+    let mut parts = HashMap::new();
+    let table = rtx.open_table(TOPICS)?;
+    for item in table.iter()? {
+        let (k, v) = item?;
+        let cfg: TopicConfig =
+            format::decode(v.value()).map_err(|source| StorageError::Corrupt {
+                table: "topics".into(),
+                source,
+            })?;
+        let name: Arc<str> = Arc::from(k.value());
+        for p in 0..cfg.partitions {
+            parts.insert((name.clone(), p), read_partition_meta(&rtx, &name, p)?);
+        }
+        topics.insert(k.value().to_string(), cfg);
+    }
+    Ok((topics, parts))
+}
+
+fn read_partition_meta(
+    rtx: &redb::ReadTransaction,
+    topic: &str,
+    partition: u32,
+) -> Result<PartitionMeta, StorageError> {
+    let table = match rtx.open_table(PARTITIONS) {
+        Ok(t) => t,
+        Err(TableError::TableDoesNotExist(_)) => return Ok(PartitionMeta::default()),
+        Err(e) => return Err(e.into()),
+    };
+    match table.get((topic, partition))? {
+        Some(v) => format::decode(v.value()).map_err(|source| StorageError::Corrupt {
+            table: "partitions".into(),
+            source,
+        }),
+        None => Ok(PartitionMeta::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

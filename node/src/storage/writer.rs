@@ -1,0 +1,479 @@
+//! The group-commit writer: one dedicated OS thread owns redb's single write transaction.
+//! It takes every request waiting in the bounded queue (up to `max_batch_ops` operations),
+//! applies them all in one transaction, commits once (one fsync), and only then answers
+//! each request and publishes the committed records to live subscribers.
+//!
+//! Architecture invariant: no reply says "durable" before `commit()` returned. After a
+//! failed commit the writer is fail-stop: every later request gets `StorageError::Failed`
+//! (redb's model: after an I/O error, state on disk is only trusted after a reopen).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use super::format::{self, PartitionMeta, Record, TopicConfig};
+use super::{
+    Committed, CommittedBatch, INBOUND, Op, OpOutcome, PARTITIONS, RETAINED, SESSIONS,
+    StorageError, TOPICS, log_table_name,
+};
+use crate::metrics::METRICS;
+use crate::types::{Offset, Origin, PartitionId, RecordId, Seq};
+
+pub(super) struct Request {
+    pub ops: Vec<Op>,
+    pub reply: oneshot::Sender<Result<Vec<OpOutcome>, StorageError>>,
+}
+
+pub(super) struct WriterState {
+    pub db: Arc<Database>,
+    pub origin: Origin,
+    pub topics: Arc<RwLock<HashMap<String, TopicConfig>>>,
+    pub parts: HashMap<(Arc<str>, u32), PartitionMeta>,
+    pub committed: broadcast::Sender<CommittedBatch>,
+    pub commits: watch::Sender<u64>,
+    pub max_batch_ops: usize,
+    pub failed: Option<String>,
+}
+
+/// Most records retention deletes from one partition in one pass, so a huge backlog is
+/// trimmed over several passes instead of one giant transaction.
+const RETENTION_STEP: usize = 50_000;
+
+pub(super) fn run(mut st: WriterState, mut rx: mpsc::Receiver<Request>) {
+    let mut last_ingest = 0u64;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = Vec::new();
+        let mut stop = None;
+        let mut n = 0;
+        let mut next = Some(first);
+        loop {
+            if let Some(req) = next.take() {
+                if req.ops.is_empty() {
+                    stop = Some(req.reply);
+                } else {
+                    n += req.ops.len();
+                    batch.push(req);
+                }
+            }
+            if n >= st.max_batch_ops {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(req) => next = Some(req),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            st.process(batch, &mut last_ingest);
+        }
+        if let Some(stop) = stop {
+            // Commit whatever was queued before the stop marker was seen, then refuse more
+            // by dropping the receiver: senders then see `ShuttingDown`.
+            rx.close();
+            loop {
+                let mut rest = Vec::new();
+                while let Ok(req) = rx.try_recv() {
+                    if !req.ops.is_empty() {
+                        rest.push(req);
+                    }
+                    if rest.len() >= 1024 {
+                        break;
+                    }
+                }
+                if rest.is_empty() {
+                    break;
+                }
+                st.process(rest, &mut last_ingest);
+            }
+            let _ = stop.send(Ok(Vec::new()));
+            break;
+        }
+    }
+    tracing::debug!("storage writer stopped");
+}
+
+/// Per-request result being built during a batch.
+type Outcomes = Result<Vec<OpOutcome>, StorageError>;
+
+impl WriterState {
+    fn process(&mut self, batch: Vec<Request>, last_ingest: &mut u64) {
+        if let Some(f) = &self.failed {
+            for req in batch {
+                let _ = req.reply.send(Err(StorageError::Failed(f.clone())));
+            }
+            return;
+        }
+        let started = Instant::now();
+        let now = crate::types::now_ms().max(*last_ingest);
+        *last_ingest = now;
+        match self.apply(batch, now) {
+            Ok((replies, committed, appended)) => {
+                METRICS.storage_commits.inc();
+                METRICS.storage_records_appended.inc_by(appended);
+                METRICS
+                    .storage_commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                if !committed.is_empty() && self.committed.receiver_count() > 0 {
+                    let _ = self.committed.send(Arc::new(committed));
+                }
+                for (reply, outcome) in replies {
+                    let _ = reply.send(outcome);
+                }
+                self.commits.send_modify(|g| *g += 1);
+            }
+            Err((replies, e)) => {
+                let msg = e.to_string();
+                tracing::error!(error = %msg, "storage commit failed; refusing further writes");
+                METRICS.storage_errors.inc();
+                self.failed = Some(msg.clone());
+                for reply in replies {
+                    let _ = reply.send(Err(StorageError::Failed(msg.clone())));
+                }
+            }
+        }
+    }
+
+    /// Applies one batch in one transaction. On a database error returns every reply
+    /// channel so the caller can fail them all.
+    #[allow(clippy::type_complexity)]
+    fn apply(
+        &mut self,
+        batch: Vec<Request>,
+        now: u64,
+    ) -> Result<
+        (
+            Vec<(oneshot::Sender<Outcomes>, Outcomes)>,
+            Vec<Committed>,
+            u64,
+        ),
+        (Vec<oneshot::Sender<Outcomes>>, StorageError),
+    > {
+        let mut replies: Vec<(oneshot::Sender<Outcomes>, Outcomes)> = Vec::new();
+        let mut new_topics: Vec<TopicConfig> = Vec::new();
+        let mut appends: BTreeMap<(Arc<str>, u32), Vec<(u64, Vec<u8>, Record)>> = BTreeMap::new();
+        let mut touched: Vec<(Arc<str>, u32)> = Vec::new();
+        let mut others: Vec<Op> = Vec::new();
+        let mut retention: Option<u64> = None;
+        let mut appended = 0u64;
+        // Undo information for the in-memory partition state if the commit fails.
+        let mut before: HashMap<(Arc<str>, u32), PartitionMeta> = HashMap::new();
+
+        for req in batch {
+            if let Err(e) = self.validate(&req.ops, &new_topics) {
+                replies.push((req.reply, Err(e)));
+                continue;
+            }
+            let mut outcomes = Vec::with_capacity(req.ops.len());
+            for op in req.ops {
+                match op {
+                    Op::Append {
+                        topic,
+                        partition,
+                        record,
+                    } => {
+                        let key = (topic.clone(), partition.0);
+                        let meta = self.parts.entry(key.clone()).or_default();
+                        if !before.contains_key(&key) {
+                            before.insert(key.clone(), meta.clone());
+                            touched.push(key.clone());
+                        }
+                        let seq = bump_seq(&mut meta.version_vector, self.origin.0);
+                        let offset = meta.next_offset;
+                        meta.next_offset += 1;
+                        let id = RecordId {
+                            origin: self.origin,
+                            seq: Seq(seq),
+                        };
+                        let rec = Record {
+                            id,
+                            event_time_ms: record.event_time_ms.unwrap_or(now),
+                            ingest_time_ms: now,
+                            key: record.key,
+                            subject: record.subject,
+                            payload: record.payload,
+                            headers: record.headers,
+                        };
+                        let value = format::encode(&rec);
+                        meta.bytes += value.len() as u64 + 8;
+                        appends.entry(key).or_default().push((offset, value, rec));
+                        appended += 1;
+                        outcomes.push(OpOutcome::Appended {
+                            partition,
+                            offset: Offset(offset),
+                            id,
+                        });
+                    }
+                    Op::CreateTopic(cfg) => {
+                        let name: Arc<str> = Arc::from(cfg.name.as_str());
+                        for p in 0..cfg.partitions {
+                            let key = (name.clone(), p);
+                            self.parts.insert(key.clone(), PartitionMeta::default());
+                            before.entry(key.clone()).or_default();
+                            touched.push(key);
+                        }
+                        new_topics.push(cfg);
+                        outcomes.push(OpOutcome::Done);
+                    }
+                    Op::Retention { now_ms } => {
+                        retention = Some(retention.map_or(now_ms, |r: u64| r.max(now_ms)));
+                        outcomes.push(OpOutcome::Trimmed(0));
+                    }
+                    other => {
+                        others.push(other);
+                        outcomes.push(OpOutcome::Done);
+                    }
+                }
+            }
+            replies.push((req.reply, Ok(outcomes)));
+        }
+
+        let result = (|| -> Result<u64, StorageError> {
+            let wtx = self.db.begin_write()?;
+            let mut trimmed = 0;
+            if let Some(as_of) = retention {
+                trimmed = self.trim(&wtx, as_of, &mut before, &mut touched)?;
+            }
+            for ((topic, p), rows) in &appends {
+                let name = log_table_name(topic, *p);
+                let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
+                let mut table = wtx.open_table(def)?;
+                for (offset, value, _) in rows {
+                    table.insert(*offset, value.as_slice())?;
+                }
+            }
+            {
+                let mut topics = wtx.open_table(TOPICS)?;
+                for cfg in &new_topics {
+                    topics.insert(cfg.name.as_str(), format::encode(cfg).as_slice())?;
+                }
+                let mut parts = wtx.open_table(PARTITIONS)?;
+                for key in &touched {
+                    if let Some(meta) = self.parts.get(key) {
+                        parts.insert((&*key.0, key.1), format::encode(meta).as_slice())?;
+                    }
+                }
+            }
+            if !others.is_empty() {
+                let mut retained = wtx.open_table(RETAINED)?;
+                let mut sessions = wtx.open_table(SESSIONS)?;
+                let mut inbound = wtx.open_table(INBOUND)?;
+                for op in &others {
+                    match op {
+                        Op::SetRetained { topic, message } => match message {
+                            Some(m) => {
+                                retained.insert(topic.as_str(), format::encode(m).as_slice())?;
+                            }
+                            None => {
+                                retained.remove(topic.as_str())?;
+                            }
+                        },
+                        Op::PutSession { client_id, state } => {
+                            sessions
+                                .insert(client_id.as_str(), format::encode(state).as_slice())?;
+                        }
+                        Op::DeleteSession { client_id } => {
+                            sessions.remove(client_id.as_str())?;
+                            let c = client_id.as_str();
+                            inbound.retain_in((c, 0u16)..=(c, u16::MAX), |_, _| false)?;
+                        }
+                        Op::PutInbound {
+                            client_id,
+                            pkid,
+                            entry,
+                        } => {
+                            inbound.insert(
+                                (client_id.as_str(), *pkid),
+                                format::encode(entry).as_slice(),
+                            )?;
+                        }
+                        Op::RemoveInbound { client_id, pkid } => {
+                            inbound.remove((client_id.as_str(), *pkid))?;
+                        }
+                        Op::Append { .. } | Op::CreateTopic(_) | Op::Retention { .. } => {}
+                    }
+                }
+            }
+            wtx.commit()?;
+            Ok(trimmed)
+        })();
+
+        match result {
+            Ok(trimmed) => {
+                if !new_topics.is_empty()
+                    && let Ok(mut t) = self.topics.write()
+                {
+                    for cfg in new_topics {
+                        t.insert(cfg.name.clone(), cfg);
+                    }
+                }
+                if trimmed > 0 {
+                    METRICS.storage_records_trimmed.inc_by(trimmed);
+                    for (_, outcome) in replies.iter_mut() {
+                        if let Ok(v) = outcome {
+                            for o in v.iter_mut() {
+                                if let OpOutcome::Trimmed(n) = o {
+                                    *n = trimmed;
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut committed = Vec::new();
+                if self.committed.receiver_count() > 0 {
+                    for ((topic, p), rows) in appends {
+                        for (offset, _, rec) in rows {
+                            committed.push(Committed {
+                                topic: topic.clone(),
+                                partition: PartitionId(p),
+                                offset: Offset(offset),
+                                record: Arc::new(rec),
+                            });
+                        }
+                    }
+                }
+                Ok((replies, committed, appended))
+            }
+            Err(e) => {
+                for (key, meta) in before {
+                    self.parts.insert(key, meta);
+                }
+                Err((replies.into_iter().map(|(r, _)| r).collect(), e))
+            }
+        }
+    }
+
+    fn validate(&self, ops: &[Op], new_topics: &[TopicConfig]) -> Result<(), StorageError> {
+        let topics = self
+            .topics
+            .read()
+            .map_err(|_| StorageError::Failed("topic map poisoned".into()))?;
+        let mut created: Vec<&str> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Append {
+                    topic, partition, ..
+                } => {
+                    let partitions = topics
+                        .get(&**topic)
+                        .map(|c| c.partitions)
+                        .or_else(|| {
+                            new_topics
+                                .iter()
+                                .find(|c| *c.name == **topic)
+                                .map(|c| c.partitions)
+                        })
+                        .ok_or_else(|| StorageError::UnknownTopic(topic.to_string()))?;
+                    if partition.0 >= partitions {
+                        return Err(StorageError::UnknownPartition {
+                            topic: topic.to_string(),
+                            partition: partition.0,
+                            partitions,
+                        });
+                    }
+                }
+                Op::CreateTopic(cfg) => {
+                    if topics.contains_key(&cfg.name)
+                        || new_topics.iter().any(|c| c.name == cfg.name)
+                        || created.contains(&cfg.name.as_str())
+                    {
+                        return Err(StorageError::TopicExists(cfg.name.clone()));
+                    }
+                    if cfg.partitions == 0 || cfg.partitions > 4096 {
+                        return Err(StorageError::InvalidTopic(format!(
+                            "partitions must be between 1 and 4096, not {}",
+                            cfg.partitions
+                        )));
+                    }
+                    crate::types::validate_topic_name(&cfg.name, true)
+                        .map_err(StorageError::InvalidTopic)?;
+                    created.push(&cfg.name);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes records past each topic's retention, oldest first.
+    fn trim(
+        &mut self,
+        wtx: &redb::WriteTransaction,
+        now: u64,
+        before: &mut HashMap<(Arc<str>, u32), PartitionMeta>,
+        touched: &mut Vec<(Arc<str>, u32)>,
+    ) -> Result<u64, StorageError> {
+        let configs: Vec<TopicConfig> = self
+            .topics
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        let mut total = 0;
+        for cfg in configs {
+            if cfg.retention_ms.is_none() && cfg.retention_bytes.is_none() {
+                continue;
+            }
+            let cutoff = cfg.retention_ms.map(|ms| now.saturating_sub(ms));
+            for p in 0..cfg.partitions {
+                let key: (Arc<str>, u32) = (Arc::from(cfg.name.as_str()), p);
+                let Some(meta) = self.parts.get(&key).cloned() else {
+                    continue;
+                };
+                if meta.log_start >= meta.next_offset {
+                    continue;
+                }
+                let name = log_table_name(&cfg.name, p);
+                let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
+                let mut table = wtx.open_table(def)?;
+                let mut bytes = meta.bytes;
+                let mut end = meta.log_start;
+                for item in table.range(meta.log_start..)? {
+                    let (k, v) = item?;
+                    let size = v.value().len() as u64 + 8;
+                    let over_bytes = cfg.retention_bytes.is_some_and(|max| bytes > max);
+                    let too_old = match cutoff {
+                        Some(c) => format::decode::<Record>(v.value())
+                            .map(|r| r.ingest_time_ms < c)
+                            .unwrap_or(true),
+                        None => false,
+                    };
+                    if !(over_bytes || too_old) || (end - meta.log_start) as usize >= RETENTION_STEP
+                    {
+                        break;
+                    }
+                    bytes = bytes.saturating_sub(size);
+                    end = k.value() + 1;
+                }
+                if end > meta.log_start {
+                    table.retain_in(meta.log_start..end, |_, _| false)?;
+                    total += end - meta.log_start;
+                    before.entry(key.clone()).or_insert_with(|| meta.clone());
+                    if !touched.contains(&key) {
+                        touched.push(key.clone());
+                    }
+                    if let Some(m) = self.parts.get_mut(&key) {
+                        m.log_start = end;
+                        m.bytes = bytes;
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Increments and returns the origin's seq in a sorted version vector.
+fn bump_seq(vv: &mut Vec<(u64, u64)>, origin: u64) -> u64 {
+    match vv.binary_search_by_key(&origin, |(o, _)| *o) {
+        Ok(i) => {
+            vv[i].1 += 1;
+            vv[i].1
+        }
+        Err(i) => {
+            vv.insert(i, (origin, 1));
+            1
+        }
+    }
+}
