@@ -5,3 +5,6 @@
 pub mod metrics;
 pub mod storage;
 pub mod types;
+pub mod config;
+pub mod mqtt;
+pub mod route;
