@@ -8,3 +8,9 @@ pub mod types;
 pub mod config;
 pub mod mqtt;
 pub mod route;
+pub mod api;
+pub mod cli;
+pub mod node;
+
+pub use config::Config;
+pub use node::Node;

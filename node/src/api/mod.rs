@@ -1,0 +1,260 @@
+//! The HTTP API (axum): health, readiness, Prometheus metrics, topics, reading records by
+//! offset (one page, long poll, or an SSE stream) and bulk ingest of JSON lines that answers
+//! only once every record is durable. Errors are JSON `{"error": "..."}` with a message a
+//! person can act on. Request bodies are parsed here, never by an extractor that answers in
+//! plain text.
+
+mod records;
+
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::config::parse_duration;
+use crate::metrics::METRICS;
+use crate::node::AppState;
+use crate::storage::{Acks, StorageError, TopicConfig};
+use crate::types::{PartitionId, now_ms, validate_topic_name};
+
+/// Largest ingest body accepted.
+pub const MAX_BODY: usize = 64 << 20;
+
+/// An error answered as JSON.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> ApiError {
+        let status = match &e {
+            StorageError::UnknownTopic(_) | StorageError::UnknownPartition { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            StorageError::TopicExists(_) => StatusCode::CONFLICT,
+            StorageError::InvalidTopic(_) => StatusCode::BAD_REQUEST,
+            StorageError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            StorageError::Failed(_) | StorageError::Db(_) | StorageError::Corrupt { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("internal task failed: {e}"),
+        }
+    }
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/topics", get(list_topics).post(create_topic))
+        .route("/v1/topics/{topic}", get(describe_topic))
+        .route(
+            "/v1/topics/{topic}/records",
+            axum::routing::post(records::ingest),
+        )
+        .route(
+            "/v1/topics/{topic}/partitions/{partition}/records",
+            get(records::read),
+        )
+        .route(
+            "/v1/topics/{topic}/partitions/{partition}/stream",
+            get(records::stream),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such endpoint; see the HTTP API section of README.md".into(),
+    }
+}
+
+async fn healthz() -> axum::Json<Value> {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.ready.load(Ordering::SeqCst) && !s.shutdown.is_cancelled() {
+        axum::Json(json!({ "status": "ready" })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "status": "not ready" })),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        METRICS.render(),
+    )
+        .into_response()
+}
+
+fn topic_json(t: &TopicConfig) -> Value {
+    json!({
+        "name": t.name,
+        "partitions": t.partitions,
+        "replication_factor": t.replication_factor,
+        "acks": t.acks,
+        "retention_ms": t.retention_ms,
+        "retention_bytes": t.retention_bytes,
+        "created_ms": t.created_ms,
+        "internal": t.name.starts_with('_'),
+    })
+}
+
+async fn list_topics(State(s): State<AppState>) -> axum::Json<Value> {
+    axum::Json(json!({
+        "topics": s.storage.topics().iter().map(topic_json).collect::<Vec<_>>()
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTopic {
+    name: String,
+    #[serde(default)]
+    partitions: Option<u32>,
+    #[serde(default)]
+    replication_factor: Option<u32>,
+    #[serde(default)]
+    acks: Option<Acks>,
+    /// "7d", "12h", ... or null for no age limit; absent means the default (7d).
+    #[serde(default, deserialize_with = "present")]
+    retention: Option<Option<String>>,
+    #[serde(default)]
+    retention_bytes: Option<u64>,
+}
+
+/// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+async fn create_topic(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let req: CreateTopic = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "body must be JSON like {{\"name\": \"sensors\", \"partitions\": 8}}: {e}"
+        ))
+    })?;
+    validate_topic_name(&req.name, false).map_err(ApiError::bad_request)?;
+    let retention_ms = match req.retention {
+        None => Some(7 * 86_400_000),
+        Some(None) => None,
+        Some(Some(text)) => Some(
+            parse_duration(&text)
+                .map_err(|e| ApiError::bad_request(format!("retention {text:?}: {e}")))?
+                .as_millis() as u64,
+        ),
+    };
+    let partitions = req.partitions.unwrap_or(8);
+    if partitions == 0 || partitions > 4096 {
+        return Err(ApiError::bad_request(format!(
+            "partitions must be between 1 and 4096, not {partitions}"
+        )));
+    }
+    let rf = req.replication_factor.unwrap_or(3);
+    if rf == 0 {
+        return Err(ApiError::bad_request("replication_factor must be at least 1"));
+    }
+    let cfg = TopicConfig {
+        name: req.name,
+        partitions,
+        replication_factor: rf,
+        acks: req.acks.unwrap_or_default(),
+        retention_ms,
+        retention_bytes: req.retention_bytes,
+        created_ms: now_ms(),
+    };
+    let cfg = s.storage.create_topic(cfg).await?;
+    Ok((StatusCode::CREATED, axum::Json(topic_json(&cfg))).into_response())
+}
+
+async fn describe_topic(
+    State(s): State<AppState>,
+    Path(topic): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let cfg = s
+        .storage
+        .topic(&topic)
+        .ok_or_else(|| StorageError::UnknownTopic(topic.clone()))?;
+    let storage = s.storage.clone();
+    let name = topic.clone();
+    let metas = tokio::task::spawn_blocking(move || {
+        (0..cfg.partitions)
+            .map(|p| storage.partition_meta(&name, PartitionId(p)))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await??;
+    let cfg = s
+        .storage
+        .topic(&topic)
+        .ok_or_else(|| StorageError::UnknownTopic(topic.clone()))?;
+    let mut out = topic_json(&cfg);
+    out["partitions_detail"] = metas
+        .iter()
+        .enumerate()
+        .map(|(p, m)| {
+            json!({
+                "partition": p,
+                "log_start": m.log_start,
+                "next_offset": m.next_offset,
+                "records": m.next_offset - m.log_start,
+                "bytes": m.bytes,
+                "version_vector": m.version_vector.iter()
+                    .map(|(o, s)| (format!("{o:016x}"), json!(s)))
+                    .collect::<serde_json::Map<String, Value>>(),
+            })
+        })
+        .collect();
+    out["records"] = json!(metas.iter().map(|m| m.next_offset - m.log_start).sum::<u64>());
+    out["bytes"] = json!(metas.iter().map(|m| m.bytes).sum::<u64>());
+    Ok(axum::Json(out))
+}
+

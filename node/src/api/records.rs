@@ -1,0 +1,421 @@
+//! Records over HTTP: read a page by offset (optionally waiting for new records), follow a
+//! partition as Server-Sent Events, and bulk-ingest JSON lines.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::metrics::METRICS;
+use crate::node::AppState;
+use crate::route::partition_for;
+use crate::storage::{NewRecord, Op, OpOutcome, Record, StorageError};
+use crate::types::{Offset, PartitionId};
+
+/// Most records one page returns.
+const MAX_LIMIT: usize = 10_000;
+/// Longest long-poll wait.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The JSON shape of a record, shared by the API and the CLI's `consume` output. The
+/// payload is text when it is valid UTF-8, else base64 under `payload_base64`.
+pub fn record_json(partition: u32, offset: Offset, r: &Record) -> Value {
+    let mut v = json!({
+        "partition": partition,
+        "offset": offset.0,
+        "id": r.id.to_string(),
+        "event_time": r.event_time_ms,
+        "ingest_time": r.ingest_time_ms,
+        "subject": r.subject,
+    });
+    put_bytes(&mut v, "key", &r.key);
+    put_bytes(&mut v, "payload", &r.payload);
+    if !r.headers.is_empty() {
+        let mut h = serde_json::Map::new();
+        for (k, val) in &r.headers {
+            match std::str::from_utf8(val) {
+                Ok(s) if !k.starts_with("mqtt.") => h.insert(k.clone(), json!(s)),
+                _ => h.insert(
+                    k.clone(),
+                    json!({ "base64": base64::engine::general_purpose::STANDARD.encode(val) }),
+                ),
+            };
+        }
+        v["headers"] = Value::Object(h);
+    }
+    v
+}
+
+fn put_bytes(v: &mut Value, field: &str, b: &[u8]) {
+    match std::str::from_utf8(b) {
+        Ok(s) => v[field] = json!(s),
+        Err(_) => {
+            v[format!("{field}_base64")] = json!(base64::engine::general_purpose::STANDARD.encode(b))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadQuery {
+    /// `beginning`, `latest`, an offset, an RFC 3339 time, or `time:<unix ms>`.
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    /// Long poll: wait up to this long for a record when none is there yet.
+    #[serde(default)]
+    wait_ms: Option<u64>,
+}
+
+/// Where a read starts.
+enum From {
+    Beginning,
+    Latest,
+    Offset(u64),
+    Time(u64),
+}
+
+fn parse_from(s: Option<&str>) -> Result<From, ApiError> {
+    let Some(s) = s else {
+        return Ok(From::Beginning);
+    };
+    if s == "beginning" || s == "earliest" {
+        return Ok(From::Beginning);
+    }
+    if s == "latest" || s == "end" {
+        return Ok(From::Latest);
+    }
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(From::Offset(n));
+    }
+    if let Some(ms) = s.strip_prefix("time:") {
+        return ms
+            .parse::<u64>()
+            .map(From::Time)
+            .map_err(|_| ApiError::bad_request(format!("from={s}: time: needs Unix milliseconds")));
+    }
+    humantime::parse_rfc3339_weak(s)
+        .map(|t| {
+            From::Time(
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+            )
+        })
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "from={s:?} is not beginning, latest, an offset, an RFC 3339 time \
+                 (2026-01-02T03:04:05Z) or time:<unix ms>"
+            ))
+        })
+}
+
+async fn resolve_from(
+    s: &AppState,
+    topic: &str,
+    partition: PartitionId,
+    from: From,
+) -> Result<Offset, ApiError> {
+    let storage = s.storage.clone();
+    let topic = topic.to_string();
+    Ok(tokio::task::spawn_blocking(move || match from {
+        From::Beginning => storage
+            .partition_meta(&topic, partition)
+            .map(|m| Offset(m.log_start)),
+        From::Latest => storage
+            .partition_meta(&topic, partition)
+            .map(|m| Offset(m.next_offset)),
+        From::Offset(o) => storage.partition_meta(&topic, partition).map(|_| Offset(o)),
+        From::Time(t) => storage.offset_for_time(&topic, partition, t),
+    })
+    .await??)
+}
+
+async fn read_page(
+    s: &AppState,
+    topic: &str,
+    partition: PartitionId,
+    from: Offset,
+    limit: usize,
+) -> Result<crate::storage::ReadBatch, ApiError> {
+    let storage = s.storage.clone();
+    let topic = topic.to_string();
+    Ok(
+        tokio::task::spawn_blocking(move || storage.read(&topic, partition, from, limit, 4 << 20))
+            .await??,
+    )
+}
+
+/// `GET /v1/topics/{topic}/partitions/{p}/records?from=&limit=&wait_ms=`
+pub async fn read(
+    State(s): State<AppState>,
+    Path((topic, partition)): Path<(String, u32)>,
+    query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let partition = PartitionId(partition);
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIMIT);
+    let from = resolve_from(&s, &topic, partition, parse_from(q.from.as_deref())?).await?;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut commits = s.storage.watch_commits();
+    let batch = loop {
+        commits.borrow_and_update();
+        let batch = read_page(&s, &topic, partition, from, limit).await?;
+        if !batch.records.is_empty() || tokio::time::Instant::now() >= deadline {
+            break batch;
+        }
+        tokio::select! {
+            _ = s.shutdown.cancelled() => break batch,
+            _ = tokio::time::sleep_until(deadline) => {}
+            changed = commits.changed() => if changed.is_err() { break batch },
+        }
+    };
+    let next = batch
+        .records
+        .last()
+        .map_or(from.max(batch.log_start), |(o, _)| Offset(o.0 + 1));
+    Ok(axum::Json(json!({
+        "topic": topic,
+        "partition": partition.0,
+        "records": batch.records.iter()
+            .map(|(o, r)| record_json(partition.0, *o, r))
+            .collect::<Vec<_>>(),
+        "next_offset": next.0,
+        "log_start": batch.log_start.0,
+        "end_offset": batch.next_offset.0,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    #[serde(default)]
+    from: Option<String>,
+}
+
+/// `GET /v1/topics/{topic}/partitions/{p}/stream?from=` — Server-Sent Events, one `record`
+/// event per record (its `id` is the offset), until the client goes away or the node stops.
+pub async fn stream(
+    State(s): State<AppState>,
+    Path((topic, partition)): Path<(String, u32)>,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let partition = PartitionId(partition);
+    let from = resolve_from(&s, &topic, partition, parse_from(q.from.as_deref())?).await?;
+    let commits = s.storage.watch_commits();
+    let init = (s, topic, partition, from, commits, Vec::<Event>::new());
+    let events = futures::stream::unfold(
+        init,
+        |(s, topic, partition, mut next, mut commits, mut queue)| async move {
+            loop {
+                if let Some(e) = queue.pop() {
+                    return Some((Ok::<_, std::convert::Infallible>(e), (s, topic, partition, next, commits, queue)));
+                }
+                commits.borrow_and_update();
+                match read_page(&s, &topic, partition, next, 500).await {
+                    Ok(batch) if !batch.records.is_empty() => {
+                        for (o, r) in batch.records.iter().rev() {
+                            let data = record_json(partition.0, *o, r).to_string();
+                            queue.push(Event::default().event("record").id(o.0.to_string()).data(data));
+                        }
+                        next = batch.records.last().map_or(next, |(o, _)| Offset(o.0 + 1));
+                        continue;
+                    }
+                    Ok(batch) => next = next.max(batch.log_start),
+                    Err(e) => {
+                        let data = json!({ "error": e.message }).to_string();
+                        let ev = Event::default().event("error").data(data);
+                        // End after reporting the error.
+                        s.shutdown.cancelled().await;
+                        return Some((Ok(ev), (s, topic, partition, next, commits, queue)));
+                    }
+                }
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => return None,
+                    changed = commits.changed() => if changed.is_err() { return None },
+                }
+            }
+        },
+    );
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+/// One line of a bulk ingest body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngestLine {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
+    /// A string is stored as its UTF-8 bytes; any other JSON value as its compact text.
+    #[serde(default)]
+    payload: Option<Value>,
+    #[serde(default)]
+    payload_base64: Option<String>,
+    /// Unix milliseconds or an RFC 3339 time.
+    #[serde(default)]
+    event_time: Option<Value>,
+    #[serde(default)]
+    headers: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    partition: Option<u32>,
+}
+
+fn parse_line(n: usize, line: &str, partitions: u32) -> Result<(PartitionId, NewRecord), String> {
+    let l: IngestLine = serde_json::from_str(line).map_err(|e| format!("line {n}: {e}"))?;
+    let payload = match (l.payload, l.payload_base64) {
+        (Some(_), Some(_)) => {
+            return Err(format!("line {n}: give payload or payload_base64, not both"));
+        }
+        (Some(Value::String(s)), None) => Bytes::from(s),
+        (Some(v), None) => Bytes::from(v.to_string()),
+        (None, Some(b)) => Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(b.as_bytes())
+                .map_err(|e| format!("line {n}: payload_base64: {e}"))?,
+        ),
+        (None, None) => return Err(format!("line {n}: missing \"payload\"")),
+    };
+    let event_time_ms = match l.event_time {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(x)) => Some(x.as_u64().ok_or_else(|| {
+            format!("line {n}: event_time must be non-negative Unix milliseconds")
+        })?),
+        Some(Value::String(s)) => Some(
+            humantime::parse_rfc3339_weak(&s)
+                .map_err(|e| format!("line {n}: event_time {s:?}: {e}"))?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        ),
+        Some(other) => {
+            return Err(format!(
+                "line {n}: event_time must be Unix milliseconds or an RFC 3339 string, not {other}"
+            ));
+        }
+    };
+    let subject = l.subject.unwrap_or_default();
+    let key = Bytes::from(l.key.unwrap_or_else(|| subject.clone()));
+    let partition = match l.partition {
+        Some(p) if p >= partitions => {
+            return Err(format!(
+                "line {n}: partition {p} does not exist (the topic has {partitions})"
+            ));
+        }
+        Some(p) => PartitionId(p),
+        None => partition_for(&key, partitions),
+    };
+    let headers = l
+        .headers
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, Bytes::from(v)))
+        .collect();
+    Ok((
+        partition,
+        NewRecord {
+            key,
+            subject,
+            payload,
+            headers,
+            event_time_ms,
+        },
+    ))
+}
+
+/// `POST /v1/topics/{topic}/records` with one JSON object per line. All lines are checked
+/// before anything is written; the reply comes once every record is durable, and the whole
+/// body is committed atomically.
+pub async fn ingest(
+    State(s): State<AppState>,
+    Path(topic): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let cfg = s
+        .storage
+        .topic(&topic)
+        .ok_or_else(|| StorageError::UnknownTopic(topic.clone()))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| ApiError::bad_request(format!("body is not UTF-8: {e}")))?;
+    let name: std::sync::Arc<str> = std::sync::Arc::from(topic.as_str());
+    let mut ops = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (partition, record) =
+            parse_line(i + 1, line, cfg.partitions).map_err(ApiError::bad_request)?;
+        ops.push(Op::Append {
+            topic: name.clone(),
+            partition,
+            record,
+        });
+    }
+    if ops.is_empty() {
+        return Err(ApiError::bad_request(
+            "body has no records; send one JSON object per line, e.g. {\"subject\": \"s/1\", \"payload\": 21.5}",
+        ));
+    }
+    let n = ops.len();
+    let outcomes = s.storage.write(ops).await?;
+    METRICS.http_ingested_records.inc_by(n as u64);
+    let ids: Vec<Value> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            OpOutcome::Appended {
+                partition,
+                offset,
+                id,
+            } => Some(json!({ "partition": partition.0, "offset": offset.0, "id": id.to_string() })),
+            _ => None,
+        })
+        .collect();
+    Ok(axum::Json(json!({ "accepted": n, "records": ids })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingest_lines() {
+        let (p, r) = parse_line(1, r#"{"subject":"s/1","payload":21.5,"event_time":5}"#, 8).unwrap();
+        assert_eq!(r.payload, Bytes::from("21.5"));
+        assert_eq!(r.key, Bytes::from("s/1"));
+        assert_eq!(r.event_time_ms, Some(5));
+        assert_eq!(p, partition_for(b"s/1", 8));
+        let (_, r) = parse_line(1, r#"{"payload":"x","event_time":"1970-01-01T00:00:01Z"}"#, 8).unwrap();
+        assert_eq!(r.event_time_ms, Some(1000));
+        for (bad, needle) in [
+            ("{", "line 1"),
+            (r#"{"subject":"x"}"#, "missing"),
+            (r#"{"payload":1,"partition":8}"#, "partition 8"),
+            (r#"{"payload":1,"event_time":-1}"#, "event_time"),
+            (r#"{"payload":1,"oops":1}"#, "unknown field"),
+            (r#"{"payload_base64":"%%"}"#, "payload_base64"),
+        ] {
+            let e = parse_line(1, bad, 8).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn binary_payloads_are_marked() {
+        let mut v = json!({});
+        put_bytes(&mut v, "payload", &[0xff, 0x00]);
+        assert_eq!(v["payload_base64"], json!("/wA="));
+        assert!(v.get("payload").is_none());
+    }
+}

@@ -1,0 +1,139 @@
+//! Wiring: opens storage, creates the configured topics, binds the MQTT and HTTP listeners
+//! and runs their tasks plus retention until shutdown. Every task is owned by one
+//! `TaskTracker`; `Node::shutdown` stops accepting, lets connections flush their pending
+//! acks, then lets the storage writer commit everything already queued.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::mqtt::Broker;
+use crate::route::RouteTable;
+use crate::storage::{Op, Storage, StorageConfig, StorageError};
+use crate::types::now_ms;
+
+/// A running node.
+pub struct Node {
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    storage: Storage,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// State the HTTP API handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub storage: Storage,
+    pub ready: Arc<AtomicBool>,
+    pub shutdown: CancellationToken,
+}
+
+impl Node {
+    /// Starts a node; returns once both listeners are bound and the node is ready.
+    pub async fn start(config: Config) -> anyhow::Result<Node> {
+        let topics = config.validate()?;
+        if !config.seeds.is_empty() {
+            anyhow::bail!(
+                "--seed was given, but this build of shoal runs a single node only; \
+                 clustering is not available yet. Remove --seed (and SHOAL_SEED)"
+            );
+        }
+        let routes = RouteTable::new(&config.routes).map_err(anyhow::Error::msg)?;
+        let mut sc = StorageConfig::new(&config.data_dir);
+        sc.cache_bytes = config.storage.cache_mb << 20;
+        sc.queue_depth = config.storage.queue_depth;
+        sc.max_batch_ops = config.storage.max_batch_ops;
+        let storage = tokio::task::spawn_blocking(move || Storage::open(sc)).await??;
+        for t in topics {
+            match storage.create_topic(t.clone()).await {
+                Ok(_) => tracing::info!(topic = %t.name, partitions = t.partitions, "created topic"),
+                Err(StorageError::TopicExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mqtt = TcpListener::bind(config.mqtt_addr)
+            .await
+            .with_context(|| format!("cannot listen for MQTT on {}", config.mqtt_addr))?;
+        let http = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("cannot listen for HTTP on {}", config.http_addr))?;
+        let mqtt_addr = mqtt.local_addr()?;
+        let http_addr = http.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let broker = Broker::new(storage.clone(), routes, config.mqtt.clone());
+        tracker.spawn(crate::mqtt::serve(
+            mqtt,
+            broker,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        let ready = Arc::new(AtomicBool::new(false));
+        let state = AppState {
+            storage: storage.clone(),
+            ready: ready.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let app = crate::api::router(state);
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(http, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        let interval = config.storage.retention_interval;
+        let (st, stop) = (storage.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = st.write(vec![Op::Retention { now_ms: now_ms() }]).await {
+                            tracing::warn!(error = %e, "retention pass failed");
+                        }
+                    }
+                }
+            }
+        });
+        ready.store(true, Ordering::SeqCst);
+        tracing::info!(
+            mqtt = %mqtt_addr,
+            http = %http_addr,
+            data_dir = %config.data_dir.display(),
+            origin = %storage.origin(),
+            "shoal node ready"
+        );
+        Ok(Node {
+            mqtt_addr,
+            http_addr,
+            storage,
+            shutdown,
+            tracker,
+        })
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Graceful stop: no new connections, pending acks flushed, queued writes committed.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.storage.shutdown().await;
+        tracing::info!("shoal node stopped");
+    }
+}
