@@ -15,6 +15,7 @@ use super::ApiError;
 use crate::metrics::METRICS;
 use crate::node::AppState;
 use crate::route::partition_for;
+use crate::storage::format::HEADER_MQTT_QOS;
 use crate::storage::{NewRecord, Op, OpOutcome, Record, StorageError};
 use crate::types::{Offset, PartitionId};
 
@@ -24,7 +25,8 @@ const MAX_LIMIT: usize = 10_000;
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// The JSON shape of a record, shared by the API and the CLI's `consume` output. The
-/// payload is text when it is valid UTF-8, else base64 under `payload_base64`.
+/// payload (and key) is text when it is valid UTF-8, else base64 under `payload_base64`
+/// (`key_base64`); `qos` is the MQTT QoS it was published with, when above 0.
 pub fn record_json(partition: u32, offset: Offset, r: &Record) -> Value {
     let mut v = json!({
         "partition": partition,
@@ -36,11 +38,15 @@ pub fn record_json(partition: u32, offset: Offset, r: &Record) -> Value {
     });
     put_bytes(&mut v, "key", &r.key);
     put_bytes(&mut v, "payload", &r.payload);
-    if !r.headers.is_empty() {
+    let qos = r.mqtt_qos();
+    if qos > 0 {
+        v["qos"] = json!(qos);
+    }
+    if r.headers.iter().any(|(k, _)| k != HEADER_MQTT_QOS) {
         let mut h = serde_json::Map::new();
-        for (k, val) in &r.headers {
+        for (k, val) in r.headers.iter().filter(|(k, _)| k != HEADER_MQTT_QOS) {
             match std::str::from_utf8(val) {
-                Ok(s) if !k.starts_with("mqtt.") => h.insert(k.clone(), json!(s)),
+                Ok(s) => h.insert(k.clone(), json!(s)),
                 _ => h.insert(
                     k.clone(),
                     json!({ "base64": base64::engine::general_purpose::STANDARD.encode(val) }),

@@ -1,0 +1,160 @@
+//! HTTP client side of the CLI: topic commands and `consume`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::{ConsumeArgs, TopicCommand};
+
+fn http() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()?)
+}
+
+/// Sends a request and returns the JSON body, turning an error reply into its message.
+async fn call(req: reqwest::RequestBuilder, url: &str) -> anyhow::Result<Value> {
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the node at {url} (is `shoal up` running? set --url or SHOAL_URL)"))?;
+    let status = resp.status();
+    let body: Value = resp
+        .json()
+        .await
+        .with_context(|| format!("the node at {url} answered {status} with a body that is not JSON"))?;
+    if !status.is_success() {
+        let msg = body["error"].as_str().unwrap_or("no message");
+        bail!("{msg} (HTTP {status})");
+    }
+    Ok(body)
+}
+
+pub(super) async fn topic(url: &str, cmd: TopicCommand) -> anyhow::Result<()> {
+    let c = http()?;
+    let base = url.trim_end_matches('/');
+    match cmd {
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+            acks,
+            retention,
+            retention_bytes,
+        } => {
+            let retention = if retention == "none" { Value::Null } else { json!(retention) };
+            let body = json!({
+                "name": name,
+                "partitions": partitions,
+                "replication_factor": replication_factor,
+                "acks": acks,
+                "retention": retention,
+                "retention_bytes": retention_bytes,
+            });
+            let v = call(c.post(format!("{base}/v1/topics")).json(&body), base).await?;
+            println!("created topic {} with {} partitions", v["name"].as_str().unwrap_or(&name), v["partitions"]);
+        }
+        TopicCommand::List => {
+            let v = call(c.get(format!("{base}/v1/topics")), base).await?;
+            println!("{:<24} {:>10} {:>4} {:>7}  RETENTION", "TOPIC", "PARTITIONS", "RF", "ACKS");
+            for t in v["topics"].as_array().into_iter().flatten() {
+                let retention = t["retention_ms"]
+                    .as_u64()
+                    .map(|ms| humantime::format_duration(Duration::from_millis(ms)).to_string())
+                    .unwrap_or_else(|| "forever".into());
+                println!(
+                    "{:<24} {:>10} {:>4} {:>7}  {}",
+                    t["name"].as_str().unwrap_or("?"),
+                    t["partitions"].as_u64().unwrap_or(0),
+                    t["replication_factor"].as_u64().unwrap_or(0),
+                    t["acks"].as_str().unwrap_or("?"),
+                    retention
+                );
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let v = call(c.get(format!("{base}/v1/topics/{name}")), base).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+    }
+    Ok(())
+}
+
+/// Turns `--from` into the API's `from` parameter: durations mean "that long ago".
+fn api_from(from: &str) -> anyhow::Result<String> {
+    if matches!(from, "beginning" | "earliest" | "latest" | "end") || from.parse::<u64>().is_ok() {
+        return Ok(from.to_string());
+    }
+    if humantime::parse_rfc3339_weak(from).is_ok() {
+        return Ok(from.to_string());
+    }
+    if let Ok(ago) = humantime::parse_duration(from) {
+        let ms = crate::types::now_ms().saturating_sub(ago.as_millis() as u64);
+        return Ok(format!("time:{ms}"));
+    }
+    bail!("--from {from:?}: use beginning, latest, an offset, an RFC 3339 time or a duration like 10m")
+}
+
+pub(super) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let c = http()?;
+    let base = args.api.url.trim_end_matches('/').to_string();
+    let topic = call(c.get(format!("{base}/v1/topics/{}", args.topic)), &base).await?;
+    let partitions: Vec<u32> = match args.partition {
+        Some(p) => vec![p],
+        None => (0..topic["partitions"].as_u64().unwrap_or(0) as u32).collect(),
+    };
+    let from = api_from(&args.from)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in partitions {
+        let (c, base, topic, from) = (c.clone(), base.clone(), args.topic.clone(), from.clone());
+        let (follow, limit) = (args.follow, args.limit);
+        tasks.spawn(async move { consume_partition(c, base, topic, p, from, follow, limit).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+async fn consume_partition(
+    c: reqwest::Client,
+    base: String,
+    topic: String,
+    partition: u32,
+    from: String,
+    follow: bool,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut from = from;
+    let mut printed = 0u64;
+    loop {
+        let page = limit.map_or(1000, |l| (l - printed).min(1000));
+        let wait = if follow { 30_000 } else { 0 };
+        let url = format!("{base}/v1/topics/{topic}/partitions/{partition}/records");
+        let v = call(
+            c.get(&url)
+                .query(&[("from", from.as_str()), ("limit", &page.to_string()), ("wait_ms", &wait.to_string())]),
+            &base,
+        )
+        .await?;
+        let records = v["records"].as_array().cloned().unwrap_or_default();
+        {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            for r in &records {
+                writeln!(out, "{r}")?;
+            }
+            out.flush()?;
+        }
+        printed += records.len() as u64;
+        from = v["next_offset"].as_u64().unwrap_or(0).to_string();
+        if limit.is_some_and(|l| printed >= l) {
+            return Ok(());
+        }
+        if records.is_empty() && !follow {
+            return Ok(());
+        }
+    }
+}
