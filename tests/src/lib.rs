@@ -143,6 +143,8 @@ where
 pub struct Client {
     pub client: AsyncClient,
     pub events: mpsc::Receiver<Result<Event, String>>,
+    /// PUBLISHes that arrived while waiting for something else.
+    stash: std::collections::VecDeque<rumqttc::Publish>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -178,6 +180,7 @@ impl Client {
             Client {
                 client,
                 events,
+                stash: Default::default(),
                 task,
             },
             present,
@@ -188,8 +191,10 @@ impl Client {
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<rumqttc::SubscribeReasonCode> {
         self.client.subscribe(filter, qos).await.expect("subscribe");
         loop {
-            if let Event::Incoming(rumqttc::Packet::SubAck(s)) = self.next_event().await {
-                return s.return_codes;
+            match self.next_event().await {
+                Event::Incoming(rumqttc::Packet::SubAck(s)) => return s.return_codes,
+                Event::Incoming(rumqttc::Packet::Publish(p)) => self.stash.push_back(p),
+                _ => {}
             }
         }
     }
@@ -203,6 +208,9 @@ impl Client {
 
     /// The next PUBLISH received.
     pub async fn next_publish(&mut self) -> rumqttc::Publish {
+        if let Some(p) = self.stash.pop_front() {
+            return p;
+        }
         loop {
             if let Event::Incoming(rumqttc::Packet::Publish(p)) = self.next_event().await {
                 return p;
@@ -222,6 +230,7 @@ impl Client {
                 (QoS::AtMostOnce, Event::Outgoing(rumqttc::Outgoing::Publish(_))) => return,
                 (QoS::AtLeastOnce, Event::Incoming(rumqttc::Packet::PubAck(_))) => return,
                 (QoS::ExactlyOnce, Event::Incoming(rumqttc::Packet::PubComp(_))) => return,
+                (_, Event::Incoming(rumqttc::Packet::Publish(p))) => self.stash.push_back(p),
                 _ => {}
             }
         }

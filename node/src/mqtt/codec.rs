@@ -12,6 +12,20 @@ use tokio_util::codec::{Decoder, Encoder};
 pub struct ServerCodec {
     pub max_incoming: usize,
     pub max_outgoing: usize,
+    /// Until the first packet is decoded: refuse at its first byte anything that is not a
+    /// CONNECT, so garbage (an HTTP request, a TLS hello) is cut off at once instead of
+    /// waiting for the connect timeout.
+    pub expect_connect: bool,
+}
+
+impl ServerCodec {
+    pub fn new(max_incoming: usize) -> ServerCodec {
+        ServerCodec {
+            max_incoming,
+            max_outgoing: usize::MAX,
+            expect_connect: true,
+        }
+    }
 }
 
 /// Why a connection's byte stream was refused.
@@ -19,6 +33,8 @@ pub struct ServerCodec {
 pub enum CodecError {
     #[error("malformed packet: {0}")]
     Mqtt(#[from] mqttbytes::Error),
+    #[error("the first packet must be CONNECT (first byte {0:#04x})")]
+    NotConnect(u8),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -28,8 +44,18 @@ impl Decoder for ServerCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, CodecError> {
+        if self.expect_connect
+            && let Some(&first) = src.first()
+        {
+            if first != 0x10 {
+                return Err(CodecError::NotConnect(first));
+            }
+        }
         match mqttbytes::check(src.iter(), self.max_incoming) {
-            Ok(_) => Ok(Some(Packet::read(src, self.max_incoming)?)),
+            Ok(_) => {
+                self.expect_connect = false;
+                Ok(Some(Packet::read(src, self.max_incoming)?))
+            }
             Err(mqttbytes::Error::InsufficientBytes(missing)) => {
                 src.reserve(missing.min(self.max_incoming));
                 Ok(None)
@@ -56,7 +82,18 @@ mod tests {
         ServerCodec {
             max_incoming: 1024,
             max_outgoing: 1024,
+            expect_connect: false,
         }
+    }
+
+    #[test]
+    fn anything_but_connect_first_is_refused_at_the_first_byte() {
+        let mut c = ServerCodec::new(1024);
+        let mut buf = BytesMut::from(&b"G"[..]);
+        assert!(matches!(c.decode(&mut buf), Err(CodecError::NotConnect(b'G'))));
+        let mut c = ServerCodec::new(1024);
+        let mut buf = BytesMut::from(&[0x10u8][..]);
+        assert!(c.decode(&mut buf).unwrap().is_none());
     }
 
     #[test]

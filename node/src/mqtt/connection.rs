@@ -76,10 +76,7 @@ pub async fn run(
     broker: Arc<Broker>,
     shutdown: CancellationToken,
 ) {
-    let codec = ServerCodec {
-        max_incoming: broker.settings.max_packet_size,
-        max_outgoing: usize::MAX,
-    };
+    let codec = ServerCodec::new(broker.settings.max_packet_size);
     let mut framed = Framed::new(stream, codec);
     let timeout = Duration::from_secs(broker.settings.connect_timeout_secs.max(1));
     let connect = tokio::select! {
