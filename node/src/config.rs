@@ -377,7 +377,10 @@ mod tests {
         let e = Config::from_toml(toml)
             .and_then(|c| c.validate().map(|_| c))
             .unwrap_err();
-        assert!(e.to_string().contains(needle), "{e} should mention {needle}");
+        assert!(
+            e.to_string().contains(needle),
+            "{e} should mention {needle}"
+        );
     }
 
     #[test]
@@ -385,7 +388,10 @@ mod tests {
         check_err("nope = 1", "unknown field");
         check_err("mqtt_addr = \"not an address\"", "mqtt_addr");
         check_err("[[routes]]\nfilter = \"a/#/b\"\ntopic = \"t\"", "a/#/b");
-        check_err("[[routes]]\nfilter = \"a\"\ntopic = \"t\"\nkey = \"{x}\"", "{x}");
+        check_err(
+            "[[routes]]\nfilter = \"a\"\ntopic = \"t\"\nkey = \"{x}\"",
+            "{x}",
+        );
         check_err("[[topics]]\nname = \"_x\"", "reserved");
         check_err("[[topics]]\nname = \"t\"\nretention = \"soon\"", "soon");
         check_err("[mqtt]\nmax_packet_size = 1", "max_packet_size");

@@ -2,15 +2,15 @@
 //! redb, with an HTTP API and a CLI to read it back. See ARCHITECTURE.md for the code map
 //! and the data path.
 
-pub mod metrics;
-pub mod storage;
-pub mod types;
-pub mod config;
-pub mod mqtt;
-pub mod route;
 pub mod api;
 pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod mqtt;
 pub mod node;
+pub mod route;
+pub mod storage;
+pub mod types;
 
 pub use config::Config;
 pub use node::Node;

@@ -53,7 +53,9 @@ impl Node {
         let storage = tokio::task::spawn_blocking(move || Storage::open(sc)).await??;
         for t in topics {
             match storage.create_topic(t.clone()).await {
-                Ok(_) => tracing::info!(topic = %t.name, partitions = t.partitions, "created topic"),
+                Ok(_) => {
+                    tracing::info!(topic = %t.name, partitions = t.partitions, "created topic")
+                }
                 Err(StorageError::TopicExists(_)) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -72,7 +72,11 @@ impl TestNode {
         if let Some(n) = self.node.take() {
             n.shutdown().await;
         }
-        self.node = Some(Node::start(self.config.clone()).await.expect("node restarts"));
+        self.node = Some(
+            Node::start(self.config.clone())
+                .await
+                .expect("node restarts"),
+        );
     }
 
     pub async fn stop(mut self) {
@@ -317,7 +321,12 @@ impl RawClient {
     }
 
     /// CONNECT with the given client id, clean flag and keepalive; returns the CONNACK.
-    pub async fn handshake(&mut self, id: &str, clean: bool, keep_alive: u16) -> rumqttc::mqttbytes::v4::ConnAck {
+    pub async fn handshake(
+        &mut self,
+        id: &str,
+        clean: bool,
+        keep_alive: u16,
+    ) -> rumqttc::mqttbytes::v4::ConnAck {
         let mut c = rumqttc::mqttbytes::v4::Connect::new(id);
         c.clean_session = clean;
         c.keep_alive = keep_alive;
@@ -361,7 +370,14 @@ impl Process {
             .arg("up")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log", "info"])
+            .args([
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--log",
+                "info",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

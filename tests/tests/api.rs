@@ -31,7 +31,11 @@ async fn topics_create_list_describe_and_errors() {
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["partitions"], 4);
     assert_eq!(v["retention_ms"], 3_600_000);
-    let (s, v) = post(&format!("{base}/v1/topics"), json!({"name": "sensors"}).to_string()).await;
+    let (s, v) = post(
+        &format!("{base}/v1/topics"),
+        json!({"name": "sensors"}).to_string(),
+    )
+    .await;
     assert_eq!(s, 409);
     assert!(v["error"].as_str().unwrap().contains("already exists"));
     for (body, needle) in [
@@ -45,7 +49,10 @@ async fn topics_create_list_describe_and_errors() {
         let (s, v) = post(&format!("{base}/v1/topics"), body.to_string()).await;
         assert_eq!(s, 400, "{body}: {v}");
         let msg = v["error"].as_str().unwrap_or_default();
-        assert!(msg.contains(needle) || msg.contains("unknown variant"), "{body}: {msg}");
+        assert!(
+            msg.contains(needle) || msg.contains("unknown variant"),
+            "{body}: {msg}"
+        );
     }
     let list = n.get("/v1/topics").await;
     let names: Vec<&str> = list["topics"]
@@ -57,10 +64,17 @@ async fn topics_create_list_describe_and_errors() {
     assert_eq!(names, vec!["sensors", "telemetry"]);
     let d = n.get("/v1/topics/sensors").await;
     assert_eq!(d["partitions_detail"].as_array().unwrap().len(), 4);
-    let missing = reqwest::get(format!("{base}/v1/topics/nope")).await.unwrap();
+    let missing = reqwest::get(format!("{base}/v1/topics/nope"))
+        .await
+        .unwrap();
     assert_eq!(missing.status().as_u16(), 404);
     let v: Value = missing.json().await.unwrap();
-    assert!(v["error"].as_str().unwrap().contains("shoal topic create nope"));
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("shoal topic create nope")
+    );
     n.stop().await;
 }
 
@@ -88,7 +102,10 @@ async fn bulk_ingest_is_durable_and_all_or_nothing() {
     assert_eq!(s, 400, "{v}");
     let recs = n.all_records("telemetry").await;
     assert_eq!(recs.len(), 3);
-    let first = recs.iter().find(|r| r["payload"] == "21.5").expect("number payload");
+    let first = recs
+        .iter()
+        .find(|r| r["payload"] == "21.5")
+        .expect("number payload");
     assert_eq!(first["event_time"], 1000);
     let bin = recs.iter().find(|r| r["key"] == "k").expect("binary");
     assert_eq!(bin["payload_base64"], "/wA=");
@@ -104,25 +121,53 @@ async fn reads_by_offset_latest_time_and_bad_parameters() {
         .map(|i| format!("{{\"subject\":\"s\",\"payload\":{i},\"partition\":0}}\n"))
         .collect();
     post(&format!("{base}/v1/topics/telemetry/records"), lines).await;
-    let page = n.get("/v1/topics/telemetry/partitions/0/records?from=3&limit=4").await;
-    let offs: Vec<u64> = page["records"].as_array().unwrap().iter().map(|r| r["offset"].as_u64().unwrap()).collect();
+    let page = n
+        .get("/v1/topics/telemetry/partitions/0/records?from=3&limit=4")
+        .await;
+    let offs: Vec<u64> = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["offset"].as_u64().unwrap())
+        .collect();
     assert_eq!(offs, vec![3, 4, 5, 6]);
     assert_eq!(page["next_offset"], 7);
-    let latest = n.get("/v1/topics/telemetry/partitions/0/records?from=latest").await;
+    let latest = n
+        .get("/v1/topics/telemetry/partitions/0/records?from=latest")
+        .await;
     assert!(latest["records"].as_array().unwrap().is_empty());
     assert_eq!(latest["next_offset"], 10);
     let t0 = page["records"][0]["ingest_time"].as_u64().unwrap();
-    let by_time = n.get(&format!("/v1/topics/telemetry/partitions/0/records?from=time:{t0}&limit=1")).await;
-    assert_eq!(by_time["records"][0]["offset"], 0, "all ten share one commit's ingest time");
-    let future = n.get("/v1/topics/telemetry/partitions/0/records?from=2999-01-01T00:00:00Z").await;
+    let by_time = n
+        .get(&format!(
+            "/v1/topics/telemetry/partitions/0/records?from=time:{t0}&limit=1"
+        ))
+        .await;
+    assert_eq!(
+        by_time["records"][0]["offset"], 0,
+        "all ten share one commit's ingest time"
+    );
+    let future = n
+        .get("/v1/topics/telemetry/partitions/0/records?from=2999-01-01T00:00:00Z")
+        .await;
     assert!(future["records"].as_array().unwrap().is_empty());
-    for (q, status) in [("from=yesterday-ish", 400), ("limit=x", 400), ("bogus=1", 400)] {
-        let r = reqwest::get(format!("{base}/v1/topics/telemetry/partitions/0/records?{q}")).await.unwrap();
+    for (q, status) in [
+        ("from=yesterday-ish", 400),
+        ("limit=x", 400),
+        ("bogus=1", 400),
+    ] {
+        let r = reqwest::get(format!(
+            "{base}/v1/topics/telemetry/partitions/0/records?{q}"
+        ))
+        .await
+        .unwrap();
         assert_eq!(r.status().as_u16(), status, "{q}");
         let v: Value = r.json().await.unwrap();
         assert!(v["error"].is_string(), "{q}: {v}");
     }
-    let r = reqwest::get(format!("{base}/v1/topics/telemetry/partitions/99/records")).await.unwrap();
+    let r = reqwest::get(format!("{base}/v1/topics/telemetry/partitions/99/records"))
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 404);
     n.stop().await;
 }
@@ -148,9 +193,11 @@ async fn long_poll_and_sse_follow_new_records() {
             v
         }
     });
-    let sse = reqwest::get(format!("{base}/v1/topics/telemetry/partitions/{part}/stream?from=beginning"))
-        .await
-        .unwrap();
+    let sse = reqwest::get(format!(
+        "{base}/v1/topics/telemetry/partitions/{part}/stream?from=beginning"
+    ))
+    .await
+    .unwrap();
     assert_eq!(
         sse.headers()["content-type"].to_str().unwrap(),
         "text/event-stream"
@@ -158,7 +205,13 @@ async fn long_poll_and_sse_follow_new_records() {
     // Publish until the long poll (which may have started after the first) returns.
     let mut i = 0;
     while !poll.is_finished() {
-        p.publish_acked("follow/me", QoS::AtLeastOnce, false, format!("{i}").as_bytes()).await;
+        p.publish_acked(
+            "follow/me",
+            QoS::AtLeastOnce,
+            false,
+            format!("{i}").as_bytes(),
+        )
+        .await;
         i += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(i < 200, "long poll never returned");
@@ -187,11 +240,22 @@ async fn health_readiness_metrics_and_unknown_paths() {
     assert_eq!(n.get("/readyz").await["status"], "ready");
     let (mut p, _) = Client::connect(n.mqtt(), "p", true).await;
     p.publish_acked("m", QoS::AtLeastOnce, false, b"1").await;
-    let text = reqwest::get(format!("{}/metrics", n.url())).await.unwrap().text().await.unwrap();
-    for m in ["shoal_storage_commits_total", "shoal_mqtt_publish_received_total", "shoal_mqtt_ack_seconds_bucket"] {
+    let text = reqwest::get(format!("{}/metrics", n.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for m in [
+        "shoal_storage_commits_total",
+        "shoal_mqtt_publish_received_total",
+        "shoal_mqtt_ack_seconds_bucket",
+    ] {
         assert!(text.contains(m), "{m} missing from /metrics");
     }
-    let r = reqwest::get(format!("{}/v2/nothing", n.url())).await.unwrap();
+    let r = reqwest::get(format!("{}/v2/nothing", n.url()))
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 404);
     let v: Value = r.json().await.unwrap();
     assert!(v["error"].is_string());
@@ -212,7 +276,9 @@ async fn retention_trims_old_records_in_the_background() {
         }];
     })
     .await;
-    let lines: String = (0..100).map(|i| format!("{{\"payload\":\"{i:0>50}\"}}\n")).collect();
+    let lines: String = (0..100)
+        .map(|i| format!("{{\"payload\":\"{i:0>50}\"}}\n"))
+        .collect();
     let (s, _) = post(&format!("{}/v1/topics/small/records", n.url()), lines).await;
     assert_eq!(s, 200);
     let d = shoal_tests::eventually("retention trims the partition", || async {
@@ -224,7 +290,9 @@ async fn retention_trims_old_records_in_the_background() {
     assert!(p["bytes"].as_u64().unwrap() <= 2000, "{p}");
     assert_eq!(p["next_offset"], 100);
     // Reading from the beginning starts at the new log start.
-    let page = n.get("/v1/topics/small/partitions/0/records?from=beginning&limit=1").await;
+    let page = n
+        .get("/v1/topics/small/partitions/0/records?from=beginning&limit=1")
+        .await;
     assert_eq!(page["records"][0]["offset"], p["log_start"]);
     n.stop().await;
 }

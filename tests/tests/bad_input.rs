@@ -37,7 +37,10 @@ async fn offenders_are_cut_off_and_everyone_else_is_served() {
     p.pkid = 1;
     raw.send(Packet::Publish(p)).await;
     let seen = raw.until_closed().await;
-    assert!(seen.is_empty(), "no PUBACK for an oversized publish: {seen:?}");
+    assert!(
+        seen.is_empty(),
+        "no PUBACK for an oversized publish: {seen:?}"
+    );
     still_serving(&n, &mut healthy, 2).await;
 
     // 3. PUBLISH before CONNECT.
@@ -51,7 +54,8 @@ async fn offenders_are_cut_off_and_everyone_else_is_served() {
     // 4. Invalid UTF-8 in a topic name.
     let mut raw = RawClient::connect(n.mqtt()).await;
     raw.handshake("utf8", true, 30).await;
-    raw.send_bytes(&[0x30, 0x05, 0x00, 0x02, 0xC3, 0x28, b'x']).await;
+    raw.send_bytes(&[0x30, 0x05, 0x00, 0x02, 0xC3, 0x28, b'x'])
+        .await;
     assert!(raw.until_closed().await.is_empty());
     still_serving(&n, &mut healthy, 4).await;
 

@@ -28,7 +28,10 @@ async fn zero_length_client_id_needs_clean_session() {
 async fn keepalive_is_enforced() {
     let n = TestNode::start().await;
     let mut raw = RawClient::connect(n.mqtt()).await;
-    assert_eq!(raw.handshake("ka", true, 1).await.code, ConnectReturnCode::Success);
+    assert_eq!(
+        raw.handshake("ka", true, 1).await.code,
+        ConnectReturnCode::Success
+    );
     let started = tokio::time::Instant::now();
     // No packet for 1.5 x keepalive: the server closes the connection.
     assert!(raw.until_closed().await.is_empty());
@@ -70,8 +73,14 @@ async fn username_and_password_from_config() {
         }
     };
     assert_eq!(connack(None).await, ConnectReturnCode::NotAuthorized);
-    assert_eq!(connack(Some(("dev", "nope"))).await, ConnectReturnCode::BadUserNamePassword);
-    assert_eq!(connack(Some(("dev", "pw"))).await, ConnectReturnCode::Success);
+    assert_eq!(
+        connack(Some(("dev", "nope"))).await,
+        ConnectReturnCode::BadUserNamePassword
+    );
+    assert_eq!(
+        connack(Some(("dev", "pw"))).await,
+        ConnectReturnCode::Success
+    );
     n.stop().await;
 }
 
@@ -80,7 +89,10 @@ async fn second_connect_and_bad_protocol_are_refused() {
     let n = TestNode::start().await;
     let mut raw = RawClient::connect(n.mqtt()).await;
     raw.handshake("twice", true, 30).await;
-    raw.send(Packet::Connect(rumqttc::mqttbytes::v4::Connect::new("twice"))).await;
+    raw.send(Packet::Connect(rumqttc::mqttbytes::v4::Connect::new(
+        "twice",
+    )))
+    .await;
     assert!(raw.until_closed().await.is_empty(), "second CONNECT closes");
 
     // Protocol name "MQIsdp" (3.1) is not MQTT 3.1.1: closed without CONNACK.
@@ -120,9 +132,12 @@ async fn qos0_qos1_qos2_delivery_at_granted_qos() {
         vec![rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
     );
     let (mut publ, _) = Client::connect(n.mqtt(), "pub", true).await;
-    publ.publish_acked("q/0", QoS::AtMostOnce, false, b"zero").await;
-    publ.publish_acked("q/1", QoS::AtLeastOnce, false, b"one").await;
-    publ.publish_acked("q/2", QoS::ExactlyOnce, false, b"two").await;
+    publ.publish_acked("q/0", QoS::AtMostOnce, false, b"zero")
+        .await;
+    publ.publish_acked("q/1", QoS::AtLeastOnce, false, b"one")
+        .await;
+    publ.publish_acked("q/2", QoS::ExactlyOnce, false, b"two")
+        .await;
     let mut got = Vec::new();
     for _ in 0..3 {
         let p = sub.next_publish().await;
@@ -149,15 +164,22 @@ async fn qos2_delivery_to_subscriber_uses_full_exchange() {
     let n = TestNode::start().await;
     let mut raw = RawClient::connect(n.mqtt()).await;
     raw.handshake("q2sub", true, 30).await;
-    raw.send(Packet::Subscribe(Subscribe::new("x", QoS::ExactlyOnce))).await;
+    raw.send(Packet::Subscribe(Subscribe::new("x", QoS::ExactlyOnce)))
+        .await;
     assert!(matches!(raw.recv().await, Some(Packet::SubAck(_))));
     let (mut publ, _) = Client::connect(n.mqtt(), "q2pub", true).await;
     publ.publish_acked("x", QoS::ExactlyOnce, false, b"v").await;
-    let Some(Packet::Publish(p)) = raw.recv().await else { panic!("publish") };
+    let Some(Packet::Publish(p)) = raw.recv().await else {
+        panic!("publish")
+    };
     assert_eq!(p.qos, QoS::ExactlyOnce);
-    raw.send(Packet::PubRec(rumqttc::mqttbytes::v4::PubRec::new(p.pkid))).await;
+    raw.send(Packet::PubRec(rumqttc::mqttbytes::v4::PubRec::new(p.pkid)))
+        .await;
     assert_eq!(raw.recv().await, Some(Packet::PubRel(PubRel::new(p.pkid))));
-    raw.send(Packet::PubComp(rumqttc::mqttbytes::v4::PubComp::new(p.pkid))).await;
+    raw.send(Packet::PubComp(rumqttc::mqttbytes::v4::PubComp::new(
+        p.pkid,
+    )))
+    .await;
     raw.send(Packet::PingReq).await;
     assert_eq!(raw.recv().await, Some(Packet::PingResp));
     n.stop().await;
@@ -191,8 +213,10 @@ async fn wildcards_do_not_match_dollar_topics() {
     let (mut sys, _) = Client::connect(n.mqtt(), "sys", true).await;
     sys.subscribe("$SYS/#", QoS::AtMostOnce).await;
     let (mut publ, _) = Client::connect(n.mqtt(), "p", true).await;
-    publ.publish_acked("$SYS/x", QoS::AtLeastOnce, false, b"sys").await;
-    publ.publish_acked("plain", QoS::AtLeastOnce, false, b"plain").await;
+    publ.publish_acked("$SYS/x", QoS::AtLeastOnce, false, b"sys")
+        .await;
+    publ.publish_acked("plain", QoS::AtLeastOnce, false, b"plain")
+        .await;
     assert_eq!(sys.next_publish().await.topic, "$SYS/x");
     // `#` skips the $ topic: the first thing it sees is the later plain publish.
     assert_eq!(all.next_publish().await.topic, "plain");
@@ -211,12 +235,20 @@ async fn acl_refuses_filters_with_suback_failure() {
     let mut raw = RawClient::connect(n.mqtt()).await;
     raw.handshake("dev7", true, 30).await;
     let mut s = Subscribe::new("public/a", QoS::AtLeastOnce);
-    for f in ["secret/#", "#", "devices/dev7/cmd", "devices/dev8/cmd", "bad/#/filter"] {
+    for f in [
+        "secret/#",
+        "#",
+        "devices/dev7/cmd",
+        "devices/dev8/cmd",
+        "bad/#/filter",
+    ] {
         s.add(f.into(), QoS::AtMostOnce);
     }
     s.pkid = 3;
     raw.send(Packet::Subscribe(s)).await;
-    let Some(Packet::SubAck(ack)) = raw.recv().await else { panic!("suback") };
+    let Some(Packet::SubAck(ack)) = raw.recv().await else {
+        panic!("suback")
+    };
     assert_eq!(
         ack.return_codes,
         vec![
@@ -235,7 +267,8 @@ async fn acl_refuses_filters_with_suback_failure() {
 async fn retained_messages_and_their_deletion() {
     let mut n = TestNode::start().await;
     let (mut publ, _) = Client::connect(n.mqtt(), "p", true).await;
-    publ.publish_acked("r/a", QoS::AtLeastOnce, true, b"kept").await;
+    publ.publish_acked("r/a", QoS::AtLeastOnce, true, b"kept")
+        .await;
     publ.disconnect().await;
     // Retained messages survive a restart.
     n.restart().await;
@@ -251,8 +284,13 @@ async fn retained_messages_and_their_deletion() {
     assert!(!p.retain && p.payload.is_empty());
     let (mut late, _) = Client::connect(n.mqtt(), "late", true).await;
     late.subscribe("r/#", QoS::AtLeastOnce).await;
-    publ.publish_acked("r/marker", QoS::AtLeastOnce, false, b"m").await;
-    assert_eq!(late.next_publish().await.topic, "r/marker", "no retained message left");
+    publ.publish_acked("r/marker", QoS::AtLeastOnce, false, b"m")
+        .await;
+    assert_eq!(
+        late.next_publish().await.topic,
+        "r/marker",
+        "no retained message left"
+    );
     n.stop().await;
 }
 
@@ -263,7 +301,12 @@ async fn will_is_published_on_unclean_disconnect_only() {
     sub.subscribe("wills/#", QoS::AtLeastOnce).await;
 
     let mut o = Client::options(n.mqtt(), "polite", true);
-    o.set_last_will(LastWill::new("wills/polite", "gone", QoS::AtLeastOnce, false));
+    o.set_last_will(LastWill::new(
+        "wills/polite",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
     let (polite, _) = Client::connect_with(o).await;
     polite.disconnect().await;
 
@@ -293,7 +336,10 @@ async fn will_is_published_on_keepalive_expiry() {
     raw.send(Packet::Connect(c)).await;
     assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
     let p = sub.next_publish().await;
-    assert_eq!((p.topic.as_str(), &p.payload[..]), ("wills/silent", &b"timeout"[..]));
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("wills/silent", &b"timeout"[..])
+    );
     n.stop().await;
 }
 
@@ -306,8 +352,13 @@ async fn persistent_session_queues_for_offline_subscriber() {
     s.disconnect().await;
     let (mut publ, _) = Client::connect(n.mqtt(), "p", true).await;
     for i in 0..5 {
-        publ.publish_acked(&format!("d/{i}"), QoS::AtLeastOnce, false, i.to_string().as_bytes())
-            .await;
+        publ.publish_acked(
+            &format!("d/{i}"),
+            QoS::AtLeastOnce,
+            false,
+            i.to_string().as_bytes(),
+        )
+        .await;
     }
     let (mut s, present) = Client::connect(n.mqtt(), "durable", false).await;
     assert!(present, "session present on reconnect");
@@ -334,7 +385,8 @@ async fn persistent_session_survives_node_restart() {
     s.subscribe("d/#", QoS::AtLeastOnce).await;
     s.disconnect().await;
     let (mut publ, _) = Client::connect(n.mqtt(), "p", true).await;
-    publ.publish_acked("d/x", QoS::AtLeastOnce, false, b"before restart").await;
+    publ.publish_acked("d/x", QoS::AtLeastOnce, false, b"before restart")
+        .await;
     publ.disconnect().await;
     n.restart().await;
     let (mut s, present) = Client::connect(n.mqtt(), "durable", false).await;
@@ -349,15 +401,23 @@ async fn unacknowledged_deliveries_are_resent_on_reconnect() {
     let n = TestNode::start().await;
     let mut raw = RawClient::connect(n.mqtt()).await;
     raw.handshake("lazy", false, 30).await;
-    raw.send(Packet::Subscribe(Subscribe::new("u", QoS::AtLeastOnce))).await;
+    raw.send(Packet::Subscribe(Subscribe::new("u", QoS::AtLeastOnce)))
+        .await;
     assert!(matches!(raw.recv().await, Some(Packet::SubAck(_))));
     let (mut publ, _) = Client::connect(n.mqtt(), "p", true).await;
-    publ.publish_acked("u", QoS::AtLeastOnce, false, b"first").await;
-    publ.publish_acked("u", QoS::AtLeastOnce, false, b"second").await;
-    let Some(Packet::Publish(a)) = raw.recv().await else { panic!() };
-    let Some(Packet::Publish(b)) = raw.recv().await else { panic!() };
+    publ.publish_acked("u", QoS::AtLeastOnce, false, b"first")
+        .await;
+    publ.publish_acked("u", QoS::AtLeastOnce, false, b"second")
+        .await;
+    let Some(Packet::Publish(a)) = raw.recv().await else {
+        panic!()
+    };
+    let Some(Packet::Publish(b)) = raw.recv().await else {
+        panic!()
+    };
     // Ack only the first, then drop the connection.
-    raw.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(a.pkid))).await;
+    raw.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(a.pkid)))
+        .await;
     raw.send(Packet::PingReq).await;
     assert_eq!(raw.recv().await, Some(Packet::PingResp));
     drop(raw);
@@ -368,7 +428,9 @@ async fn unacknowledged_deliveries_are_resent_on_reconnect() {
         ack.session_present.then_some(raw)
     })
     .await;
-    let Some(Packet::Publish(again)) = raw.recv().await else { panic!() };
+    let Some(Packet::Publish(again)) = raw.recv().await else {
+        panic!()
+    };
     assert_eq!(&again.payload[..], b"second");
     n.stop().await;
 }
@@ -386,7 +448,10 @@ async fn qos1_duplicate_after_reconnect_is_stored_once() {
     // The device did not see the PUBACK and resends with DUP after reconnecting.
     let mut raw = eventually("session taken over", || async {
         let mut raw = RawClient::connect(n.mqtt()).await;
-        raw.handshake("dev", false, 30).await.session_present.then_some(raw)
+        raw.handshake("dev", false, 30)
+            .await
+            .session_present
+            .then_some(raw)
     })
     .await;
     p.dup = true;
@@ -402,7 +467,10 @@ async fn session_takeover_disconnects_the_old_connection() {
     let mut first = RawClient::connect(n.mqtt()).await;
     first.handshake("same", true, 30).await;
     let mut second = RawClient::connect(n.mqtt()).await;
-    assert_eq!(second.handshake("same", true, 30).await.code, ConnectReturnCode::Success);
+    assert_eq!(
+        second.handshake("same", true, 30).await.code,
+        ConnectReturnCode::Success
+    );
     assert!(first.until_closed().await.is_empty());
     second.send(Packet::PingReq).await;
     assert_eq!(second.recv().await, Some(Packet::PingResp));
@@ -439,8 +507,10 @@ async fn routes_send_subjects_to_their_topics() {
     })
     .await;
     let (mut p, _) = Client::connect(n.mqtt(), "p", true).await;
-    p.publish_acked("factory/l1/temp", QoS::AtLeastOnce, false, b"20").await;
-    p.publish_acked("home/temp", QoS::AtLeastOnce, false, b"19").await;
+    p.publish_acked("factory/l1/temp", QoS::AtLeastOnce, false, b"20")
+        .await;
+    p.publish_acked("home/temp", QoS::AtLeastOnce, false, b"19")
+        .await;
     let temps = n.all_records("temps").await;
     assert_eq!(temps.len(), 1);
     assert_eq!(temps[0]["key"], "l1");

@@ -201,7 +201,9 @@ async fn create_topic(State(s): State<AppState>, body: Bytes) -> Result<Response
     }
     let rf = req.replication_factor.unwrap_or(3);
     if rf == 0 {
-        return Err(ApiError::bad_request("replication_factor must be at least 1"));
+        return Err(ApiError::bad_request(
+            "replication_factor must be at least 1",
+        ));
     }
     let cfg = TopicConfig {
         name: req.name,
@@ -253,8 +255,12 @@ async fn describe_topic(
             })
         })
         .collect();
-    out["records"] = json!(metas.iter().map(|m| m.next_offset - m.log_start).sum::<u64>());
+    out["records"] = json!(
+        metas
+            .iter()
+            .map(|m| m.next_offset - m.log_start)
+            .sum::<u64>()
+    );
     out["bytes"] = json!(metas.iter().map(|m| m.bytes).sum::<u64>());
     Ok(axum::Json(out))
 }
-

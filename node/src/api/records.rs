@@ -62,7 +62,8 @@ fn put_bytes(v: &mut Value, field: &str, b: &[u8]) {
     match std::str::from_utf8(b) {
         Ok(s) => v[field] = json!(s),
         Err(_) => {
-            v[format!("{field}_base64")] = json!(base64::engine::general_purpose::STANDARD.encode(b))
+            v[format!("{field}_base64")] =
+                json!(base64::engine::general_purpose::STANDARD.encode(b))
         }
     }
 }
@@ -102,10 +103,9 @@ fn parse_from(s: Option<&str>) -> Result<From, ApiError> {
         return Ok(From::Offset(n));
     }
     if let Some(ms) = s.strip_prefix("time:") {
-        return ms
-            .parse::<u64>()
-            .map(From::Time)
-            .map_err(|_| ApiError::bad_request(format!("from={s}: time: needs Unix milliseconds")));
+        return ms.parse::<u64>().map(From::Time).map_err(|_| {
+            ApiError::bad_request(format!("from={s}: time: needs Unix milliseconds"))
+        });
     }
     humantime::parse_rfc3339_weak(s)
         .map(|t| {
@@ -224,14 +224,22 @@ pub async fn stream(
         |(s, topic, partition, mut next, mut commits, mut queue)| async move {
             loop {
                 if let Some(e) = queue.pop() {
-                    return Some((Ok::<_, std::convert::Infallible>(e), (s, topic, partition, next, commits, queue)));
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(e),
+                        (s, topic, partition, next, commits, queue),
+                    ));
                 }
                 commits.borrow_and_update();
                 match read_page(&s, &topic, partition, next, 500).await {
                     Ok(batch) if !batch.records.is_empty() => {
                         for (o, r) in batch.records.iter().rev() {
                             let data = record_json(partition.0, *o, r).to_string();
-                            queue.push(Event::default().event("record").id(o.0.to_string()).data(data));
+                            queue.push(
+                                Event::default()
+                                    .event("record")
+                                    .id(o.0.to_string())
+                                    .data(data),
+                            );
                         }
                         next = batch.records.last().map_or(next, |(o, _)| Offset(o.0 + 1));
                         continue;
@@ -283,7 +291,9 @@ fn parse_line(n: usize, line: &str, partitions: u32) -> Result<(PartitionId, New
     let l: IngestLine = serde_json::from_str(line).map_err(|e| format!("line {n}: {e}"))?;
     let payload = match (l.payload, l.payload_base64) {
         (Some(_), Some(_)) => {
-            return Err(format!("line {n}: give payload or payload_base64, not both"));
+            return Err(format!(
+                "line {n}: give payload or payload_base64, not both"
+            ));
         }
         (Some(Value::String(s)), None) => Bytes::from(s),
         (Some(v), None) => Bytes::from(v.to_string()),
@@ -384,7 +394,9 @@ pub async fn ingest(
                 partition,
                 offset,
                 id,
-            } => Some(json!({ "partition": partition.0, "offset": offset.0, "id": id.to_string() })),
+            } => {
+                Some(json!({ "partition": partition.0, "offset": offset.0, "id": id.to_string() }))
+            }
             _ => None,
         })
         .collect();
@@ -397,12 +409,18 @@ mod tests {
 
     #[test]
     fn ingest_lines() {
-        let (p, r) = parse_line(1, r#"{"subject":"s/1","payload":21.5,"event_time":5}"#, 8).unwrap();
+        let (p, r) =
+            parse_line(1, r#"{"subject":"s/1","payload":21.5,"event_time":5}"#, 8).unwrap();
         assert_eq!(r.payload, Bytes::from("21.5"));
         assert_eq!(r.key, Bytes::from("s/1"));
         assert_eq!(r.event_time_ms, Some(5));
         assert_eq!(p, partition_for(b"s/1", 8));
-        let (_, r) = parse_line(1, r#"{"payload":"x","event_time":"1970-01-01T00:00:01Z"}"#, 8).unwrap();
+        let (_, r) = parse_line(
+            1,
+            r#"{"payload":"x","event_time":"1970-01-01T00:00:01Z"}"#,
+            8,
+        )
+        .unwrap();
         assert_eq!(r.event_time_ms, Some(1000));
         for (bad, needle) in [
             ("{", "line 1"),

@@ -16,15 +16,13 @@ fn http() -> anyhow::Result<reqwest::Client> {
 
 /// Sends a request and returns the JSON body, turning an error reply into its message.
 async fn call(req: reqwest::RequestBuilder, url: &str) -> anyhow::Result<Value> {
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the node at {url} (is `shoal up` running? set --url or SHOAL_URL)"))?;
+    let resp = req.send().await.with_context(|| {
+        format!("cannot reach the node at {url} (is `shoal up` running? set --url or SHOAL_URL)")
+    })?;
     let status = resp.status();
-    let body: Value = resp
-        .json()
-        .await
-        .with_context(|| format!("the node at {url} answered {status} with a body that is not JSON"))?;
+    let body: Value = resp.json().await.with_context(|| {
+        format!("the node at {url} answered {status} with a body that is not JSON")
+    })?;
     if !status.is_success() {
         let msg = body["error"].as_str().unwrap_or("no message");
         bail!("{msg} (HTTP {status})");
@@ -44,7 +42,11 @@ pub(super) async fn topic(url: &str, cmd: TopicCommand) -> anyhow::Result<()> {
             retention,
             retention_bytes,
         } => {
-            let retention = if retention == "none" { Value::Null } else { json!(retention) };
+            let retention = if retention == "none" {
+                Value::Null
+            } else {
+                json!(retention)
+            };
             let body = json!({
                 "name": name,
                 "partitions": partitions,
@@ -54,11 +56,18 @@ pub(super) async fn topic(url: &str, cmd: TopicCommand) -> anyhow::Result<()> {
                 "retention_bytes": retention_bytes,
             });
             let v = call(c.post(format!("{base}/v1/topics")).json(&body), base).await?;
-            println!("created topic {} with {} partitions", v["name"].as_str().unwrap_or(&name), v["partitions"]);
+            println!(
+                "created topic {} with {} partitions",
+                v["name"].as_str().unwrap_or(&name),
+                v["partitions"]
+            );
         }
         TopicCommand::List => {
             let v = call(c.get(format!("{base}/v1/topics")), base).await?;
-            println!("{:<24} {:>10} {:>4} {:>7}  RETENTION", "TOPIC", "PARTITIONS", "RF", "ACKS");
+            println!(
+                "{:<24} {:>10} {:>4} {:>7}  RETENTION",
+                "TOPIC", "PARTITIONS", "RF", "ACKS"
+            );
             for t in v["topics"].as_array().into_iter().flatten() {
                 let retention = t["retention_ms"]
                     .as_u64()
@@ -94,7 +103,9 @@ fn api_from(from: &str) -> anyhow::Result<String> {
         let ms = crate::types::now_ms().saturating_sub(ago.as_millis() as u64);
         return Ok(format!("time:{ms}"));
     }
-    bail!("--from {from:?}: use beginning, latest, an offset, an RFC 3339 time or a duration like 10m")
+    bail!(
+        "--from {from:?}: use beginning, latest, an offset, an RFC 3339 time or a duration like 10m"
+    )
 }
 
 pub(super) async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
@@ -134,8 +145,11 @@ async fn consume_partition(
         let wait = if follow { 30_000 } else { 0 };
         let url = format!("{base}/v1/topics/{topic}/partitions/{partition}/records");
         let v = call(
-            c.get(&url)
-                .query(&[("from", from.as_str()), ("limit", &page.to_string()), ("wait_ms", &wait.to_string())]),
+            c.get(&url).query(&[
+                ("from", from.as_str()),
+                ("limit", &page.to_string()),
+                ("wait_ms", &wait.to_string()),
+            ]),
             &base,
         )
         .await?;

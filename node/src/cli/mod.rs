@@ -46,7 +46,12 @@ enum Command {
 #[derive(Args, Debug)]
 struct ApiArgs {
     /// Base URL of a node's HTTP API.
-    #[arg(long, env = "SHOAL_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "SHOAL_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     url: String,
 }
 

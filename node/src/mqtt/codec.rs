@@ -90,7 +90,10 @@ mod tests {
     fn anything_but_connect_first_is_refused_at_the_first_byte() {
         let mut c = ServerCodec::new(1024);
         let mut buf = BytesMut::from(&b"G"[..]);
-        assert!(matches!(c.decode(&mut buf), Err(CodecError::NotConnect(b'G'))));
+        assert!(matches!(
+            c.decode(&mut buf),
+            Err(CodecError::NotConnect(b'G'))
+        ));
         let mut c = ServerCodec::new(1024);
         let mut buf = BytesMut::from(&[0x10u8][..]);
         assert!(c.decode(&mut buf).unwrap().is_none());
@@ -113,7 +116,9 @@ mod tests {
         let mut buf = BytesMut::from(&[0x30u8, 0x80, 0x80, 0x80, 0x01][..]);
         assert!(matches!(
             c.decode(&mut buf),
-            Err(CodecError::Mqtt(mqttbytes::Error::PayloadSizeLimitExceeded(_)))
+            Err(CodecError::Mqtt(
+                mqttbytes::Error::PayloadSizeLimitExceeded(_)
+            ))
         ));
     }
 

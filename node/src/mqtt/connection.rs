@@ -66,7 +66,10 @@ struct Conn {
     /// Inbound QoS 1/2 packet ids already stored (persistent sessions and QoS 2).
     inbound: HashMap<u16, InboundEntry>,
     pending_acks: FuturesOrdered<AckFuture>,
-    catch_up: Option<(PartKey, tokio::task::JoinHandle<Result<ReadBatch, StorageError>>)>,
+    catch_up: Option<(
+        PartKey,
+        tokio::task::JoinHandle<Result<ReadBatch, StorageError>>,
+    )>,
 }
 
 /// Runs one connection to its end.
@@ -205,7 +208,9 @@ fn protocol_error(peer: SocketAddr, what: &str) {
 }
 
 async fn refuse(framed: &mut Framed<TcpStream, ServerCodec>, code: ConnectReturnCode) {
-    let _ = framed.send(Packet::ConnAck(ConnAck::new(code, false))).await;
+    let _ = framed
+        .send(Packet::ConnAck(ConnAck::new(code, false)))
+        .await;
 }
 
 fn publish_hash(p: &Publish) -> u64 {
@@ -482,12 +487,11 @@ impl Conn {
             }
             Packet::Subscribe(s) => self.on_subscribe(s).await,
             Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
-            Packet::PingReq => {
-                self.framed
-                    .feed(Packet::PingResp)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+            Packet::PingReq => self
+                .framed
+                .feed(Packet::PingResp)
+                .await
+                .map_err(|e| e.to_string()),
             Packet::Connect(_) => Err("second CONNECT on one connection".into()),
             other => Err(format!("{} is not sent by clients", kind(&other))),
         }

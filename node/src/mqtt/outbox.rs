@@ -237,7 +237,8 @@ impl Outbox {
             let Some(c) = self.pending.pop_front() else {
                 break;
             };
-            let mut p = Publish::from_bytes(c.record.subject.clone(), qos, c.record.payload.clone());
+            let mut p =
+                Publish::from_bytes(c.record.subject.clone(), qos, c.record.payload.clone());
             if qos != QoS::AtMostOnce {
                 p.pkid = self.alloc_pkid();
                 self.inflight_offsets
@@ -272,7 +273,13 @@ impl Outbox {
     /// Result of a catch-up read: the records (in offset order) and whether the read reached
     /// the end of the log. The read starts at `from`, or at the log start if that is later
     /// (records lost to retention are skipped, as in Kafka).
-    pub fn catch_up_read(&mut self, key: PartKey, log_start: u64, records: Vec<Committed>, at_end: bool) {
+    pub fn catch_up_read(
+        &mut self,
+        key: PartKey,
+        log_start: u64,
+        records: Vec<Committed>,
+        at_end: bool,
+    ) {
         if let Some(c) = self.cursors.get_mut(&key)
             && *c < log_start
         {
@@ -405,10 +412,7 @@ mod tests {
         o.offer(rec(0, 5, "a/x", 2));
         o.offer(rec(0, 6, "b/x", 1)); // not matching
         o.offer(rec(0, 7, "a/y", 0));
-        assert_eq!(
-            sent(&mut o),
-            vec![("5".into(), 1, 1), ("7".into(), 0, 0)]
-        );
+        assert_eq!(sent(&mut o), vec![("5".into(), 1, 1), ("7".into(), 0, 0)]);
         assert_eq!(o.acked_cursors(), vec![("telemetry".into(), 0, 5)]);
         assert!(o.on_puback(1));
         assert_eq!(o.acked_cursors(), vec![("telemetry".into(), 0, 8)]);
@@ -434,7 +438,12 @@ mod tests {
         assert!(o.next_catch_up().is_none(), "window full");
         assert!(o.on_puback(3));
         assert_eq!(o.next_catch_up(), Some((key(0), 4)));
-        o.catch_up_read(key(0), 0, (4..=9).map(|i| rec(0, i, "t", 1)).collect(), true);
+        o.catch_up_read(
+            key(0),
+            0,
+            (4..=9).map(|i| rec(0, i, "t", 1)).collect(),
+            true,
+        );
         let got: Vec<String> = sent(&mut o).into_iter().map(|s| s.0).collect();
         assert_eq!(got, vec!["4"]);
         assert_eq!(o.acked_cursors(), vec![("telemetry".into(), 0, 3)]);
