@@ -1,6 +1,8 @@
 //! The HTTP API: topics, bulk ingest, reads by offset and time, long poll, SSE, health and
 //! metrics, and JSON errors for bad input.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::time::Duration;
 
 use futures::StreamExt;

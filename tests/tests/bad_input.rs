@@ -1,6 +1,8 @@
 //! Bad input on the MQTT port: each offender gets its connection closed while a healthy
 //! client keeps being served and nothing acknowledged is lost.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use rumqttc::QoS;
 use rumqttc::mqttbytes::v4::{Packet, Publish};
 use shoal_tests::{Client, RawClient, TestNode};

@@ -1,5 +1,7 @@
 //! The CLI against a real node: topic commands and `consume` in all its modes.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::process::Stdio;
 
 use serde_json::Value;

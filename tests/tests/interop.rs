@@ -1,5 +1,7 @@
 //! Interoperability with Debian's mosquitto clients (`mosquitto_pub`, `mosquitto_sub`).
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::process::Stdio;
 
 use rumqttc::QoS;

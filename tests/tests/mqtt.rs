@@ -1,6 +1,8 @@
 //! Every MQTT 3.1.1 behaviour of the node, each in its own test, with rumqttc clients and a
 //! raw byte-level client where the protocol's edges matter.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::time::Duration;
 
 use bytes::Bytes;

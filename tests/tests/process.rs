@@ -1,6 +1,8 @@
 //! Real `shoal up` child processes: SIGKILL in the middle of QoS 1 ingest, SIGTERM that
 //! finishes in-flight commits, and refusal of a corrupt data directory.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

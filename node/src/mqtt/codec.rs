@@ -46,10 +46,9 @@ impl Decoder for ServerCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, CodecError> {
         if self.expect_connect
             && let Some(&first) = src.first()
+            && first != 0x10
         {
-            if first != 0x10 {
-                return Err(CodecError::NotConnect(first));
-            }
+            return Err(CodecError::NotConnect(first));
         }
         match mqttbytes::check(src.iter(), self.max_incoming) {
             Ok(_) => {
