@@ -2,9 +2,11 @@
 //! redb, with an HTTP API and a CLI to read it back. See ARCHITECTURE.md for the code map
 //! and the data path.
 
+pub mod alerts;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod consumers;
 pub mod metrics;
 pub mod mqtt;
 pub mod node;

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub mqtt_protocol_errors: Counter,
     pub mqtt_ack_seconds: Histogram,
     pub http_ingested_records: Counter,
+    pub consumer_records_in: Counter,
+    pub consumer_alerts_out: Counter,
+    pub consumer_errors: Counter,
+    pub webhook_deliveries: Counter,
+    pub webhook_failures: Counter,
 }
 
 /// The node's metrics.
@@ -45,6 +50,11 @@ impl Metrics {
             mqtt_protocol_errors: Counter::default(),
             mqtt_ack_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             http_ingested_records: Counter::default(),
+            consumer_records_in: Counter::default(),
+            consumer_alerts_out: Counter::default(),
+            consumer_errors: Counter::default(),
+            webhook_deliveries: Counter::default(),
+            webhook_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -106,6 +116,31 @@ impl Metrics {
             "http_ingested_records",
             "Records written through the HTTP bulk ingest API",
             m.http_ingested_records.clone(),
+        );
+        registry.register(
+            "consumer_records_in",
+            "Records handed to WebAssembly consumers",
+            m.consumer_records_in.clone(),
+        );
+        registry.register(
+            "consumer_alerts_out",
+            "Alerts raised by consumers",
+            m.consumer_alerts_out.clone(),
+        );
+        registry.register(
+            "consumer_errors",
+            "Failed consumer batches (traps, timeouts, bad output)",
+            m.consumer_errors.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Alerts delivered to webhooks",
+            m.webhook_deliveries.clone(),
+        );
+        registry.register(
+            "webhook_failures",
+            "Failed webhook attempts (retried)",
+            m.webhook_failures.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -131,6 +131,44 @@ pub struct InboundEntry {
     pub awaiting_release: bool,
 }
 
+/// Where a consumer starts on its first deploy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    #[default]
+    Beginning,
+    Latest,
+}
+
+/// A deployed WebAssembly consumer. The module bytes are stored separately under their
+/// SHA-256 so redeploying the same module stores nothing new.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerSpec {
+    pub name: String,
+    /// Bumped on every deploy under the same name; the checkpoint carries over.
+    pub version: u64,
+    pub topic: String,
+    /// MQTT-style filter on record subjects.
+    pub filter: String,
+    /// JSON config handed to the module's `init`.
+    pub config: String,
+    pub module_sha256: String,
+    pub start: StartFrom,
+    /// Alerts of this consumer are POSTed here (JSON, with an idempotency key).
+    pub webhook: Option<String>,
+    pub deployed_ms: u64,
+}
+
+/// A consumer's position in one partition, committed with the batch's state and outputs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Next offset to process.
+    pub offset: u64,
+    /// Version vector of the records processed (origin -> highest seq seen).
+    pub version_vector: Vec<(u64, u64)>,
+    pub updated_ms: u64,
+}
+
 /// Errors decoding a stored value.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
@@ -266,6 +304,32 @@ mod tests {
                 awaiting_release: true,
             },
             "010101",
+        );
+    }
+
+    #[test]
+    fn golden_consumer_types() {
+        check(
+            &ConsumerSpec {
+                name: "z".into(),
+                version: 2,
+                topic: "t".into(),
+                filter: "#".into(),
+                config: "{}".into(),
+                module_sha256: "ab".into(),
+                start: StartFrom::Latest,
+                webhook: None,
+                deployed_ms: 3,
+            },
+            "01017a020174012302 7b7d02616201 0003".replace(' ', "").as_str(),
+        );
+        check(
+            &Checkpoint {
+                offset: 5,
+                version_vector: vec![(1, 5)],
+                updated_ms: 6,
+            },
+            "0105010105 06".replace(' ', "").as_str(),
         );
     }
 

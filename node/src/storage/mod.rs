@@ -21,7 +21,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableErro
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use format::{
-    Acks, InboundEntry, PartitionMeta, Record, RetainedMessage, SessionState, TopicConfig,
+    Acks, Checkpoint, ConsumerSpec, InboundEntry, PartitionMeta, Record, RetainedMessage,
+    SessionState, StartFrom, TopicConfig,
 };
 
 use crate::types::{Offset, Origin, PartitionId, RecordId};
@@ -32,6 +33,13 @@ const PARTITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("pa
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_retained");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_sessions");
 const INBOUND: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("mqtt_inbound");
+const CONSUMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("consumers");
+const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("consumer_modules");
+const CHECKPOINTS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("consumer_checkpoints");
+const CONSUMER_STATE: TableDefinition<(&str, u32, &[u8]), &[u8]> =
+    TableDefinition::new("consumer_state");
+/// Delivery cursors of side tasks (webhooks): name -> next offset.
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 
 /// File name of the node's database inside its data directory.
 pub const DB_FILE: &str = "shoal.redb";
@@ -109,6 +117,28 @@ pub enum Op {
     /// Apply every topic's retention limits as of `now_ms`.
     Retention {
         now_ms: u64,
+    },
+    /// Store a module's bytes under their SHA-256 (hex).
+    PutModule {
+        sha256: String,
+        bytes: Bytes,
+    },
+    PutConsumer(ConsumerSpec),
+    /// Remove a consumer with its checkpoints and state.
+    DeleteConsumer {
+        name: String,
+    },
+    /// A consumer's batch: its new checkpoint and state changes (the batch's outputs are
+    /// `Append`s in the same request, so all commit together).
+    ConsumerCommit {
+        name: String,
+        partition: u32,
+        checkpoint: Checkpoint,
+        state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    },
+    SetCursor {
+        name: String,
+        offset: u64,
     },
 }
 
@@ -586,6 +616,74 @@ impl Storage {
         Ok(out)
     }
 
+    /// Every deployed consumer (blocking).
+    pub fn consumers(&self) -> Result<Vec<ConsumerSpec>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        let table = match rtx.open_table(CONSUMERS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (_, v) = item?;
+            out.push(decode_in("consumers", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// A stored module's bytes (blocking).
+    pub fn module(&self, sha256: &str) -> Result<Option<Bytes>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        let table = match rtx.open_table(MODULES) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get(sha256)?.map(|v| Bytes::copy_from_slice(v.value())))
+    }
+
+    /// A consumer's checkpoint in one partition (blocking).
+    pub fn checkpoint(&self, name: &str, partition: u32) -> Result<Option<Checkpoint>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        let table = match rtx.open_table(CHECKPOINTS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match table.get((name, partition))? {
+            Some(v) => Ok(Some(decode_in("consumer_checkpoints", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// One key of a consumer's state in a partition (blocking).
+    pub fn consumer_state(
+        &self,
+        name: &str,
+        partition: u32,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        let table = match rtx.open_table(CONSUMER_STATE) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get((name, partition, key))?.map(|v| v.value().to_vec()))
+    }
+
+    /// A side task's delivery cursor (blocking).
+    pub fn cursor(&self, name: &str) -> Result<Option<u64>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        let table = match rtx.open_table(CURSORS) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(table.get(name)?.map(|v| v.value()))
+    }
+
     /// Stops accepting writes, commits everything already queued, and joins the writer.
     /// Requests that arrive after that fail with [`StorageError::ShuttingDown`].
     pub async fn shutdown(&self) {
@@ -623,6 +721,13 @@ impl std::future::Future for PendingWrite {
             .poll(cx)
             .map(|r| r.unwrap_or(Err(StorageError::ShuttingDown)))
     }
+}
+
+fn decode_in<T: serde::de::DeserializeOwned>(table: &str, v: &[u8]) -> Result<T, StorageError> {
+    format::decode(v).map_err(|source| StorageError::Corrupt {
+        table: table.to_string(),
+        source,
+    })
 }
 
 enum InitError {

@@ -16,8 +16,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::format::{self, PartitionMeta, Record, TopicConfig};
 use super::{
-    Committed, CommittedBatch, INBOUND, Op, OpOutcome, PARTITIONS, RETAINED, SESSIONS,
-    StorageError, TOPICS, log_table_name,
+    CHECKPOINTS, CONSUMER_STATE, CONSUMERS, CURSORS, Committed, CommittedBatch, INBOUND, MODULES,
+    Op, OpOutcome, PARTITIONS, RETAINED, SESSIONS, StorageError, TOPICS, log_table_name,
 };
 use crate::metrics::METRICS;
 use crate::types::{Offset, Origin, PartitionId, RecordId, Seq};
@@ -292,7 +292,58 @@ impl WriterState {
                         Op::RemoveInbound { client_id, pkid } => {
                             inbound.remove((client_id.as_str(), *pkid))?;
                         }
-                        Op::Append { .. } | Op::CreateTopic(_) | Op::Retention { .. } => {}
+                        _ => {}
+                    }
+                }
+                drop((retained, sessions, inbound));
+                let mut consumers = wtx.open_table(CONSUMERS)?;
+                let mut modules = wtx.open_table(MODULES)?;
+                let mut checkpoints = wtx.open_table(CHECKPOINTS)?;
+                let mut state = wtx.open_table(CONSUMER_STATE)?;
+                let mut cursors = wtx.open_table(CURSORS)?;
+                for op in &others {
+                    match op {
+                        Op::PutModule { sha256, bytes } => {
+                            modules.insert(sha256.as_str(), &bytes[..])?;
+                        }
+                        Op::PutConsumer(spec) => {
+                            consumers.insert(spec.name.as_str(), format::encode(spec).as_slice())?;
+                        }
+                        Op::DeleteConsumer { name } => {
+                            let n = name.as_str();
+                            consumers.remove(n)?;
+                            checkpoints.retain_in((n, 0u32)..=(n, u32::MAX), |_, _| false)?;
+                            state.retain_in(
+                                (n, 0u32, &[][..])..(n, u32::MAX, &[0xFFu8; 64][..]),
+                                |_, _| false,
+                            )?;
+                            cursors.remove(format!("webhook/{name}").as_str())?;
+                        }
+                        Op::ConsumerCommit {
+                            name,
+                            partition,
+                            checkpoint,
+                            state: changes,
+                        } => {
+                            checkpoints.insert(
+                                (name.as_str(), *partition),
+                                format::encode(checkpoint).as_slice(),
+                            )?;
+                            for (k, v) in changes {
+                                match v {
+                                    Some(v) => {
+                                        state.insert((name.as_str(), *partition, &k[..]), &v[..])?;
+                                    }
+                                    None => {
+                                        state.remove((name.as_str(), *partition, &k[..]))?;
+                                    }
+                                }
+                            }
+                        }
+                        Op::SetCursor { name, offset } => {
+                            cursors.insert(name.as_str(), *offset)?;
+                        }
+                        _ => {}
                     }
                 }
             }
