@@ -36,6 +36,34 @@ pub struct Config {
     /// MQTT topic filter -> log topic routes, first match wins; subjects no route matches
     /// go to `telemetry` keyed by the MQTT topic.
     pub routes: Vec<RouteSettings>,
+    /// When set, deploying and removing consumers needs `Authorization: Bearer <token>`.
+    pub api_token: Option<String>,
+    pub consumers: ConsumerSettings,
+}
+
+/// Sandbox limits of WebAssembly consumers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerSettings {
+    /// Fuel (roughly wasm instructions) a batch may use per record, plus `fuel_per_batch`.
+    pub fuel_per_record: u64,
+    pub fuel_per_batch: u64,
+    /// Wall-clock limit of one batch call.
+    #[serde(with = "humantime_serde_compat")]
+    pub batch_timeout: Duration,
+    /// Linear memory cap of one instance, in MiB.
+    pub memory_mb: usize,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        ConsumerSettings {
+            fuel_per_record: 2_000_000,
+            fuel_per_batch: 20_000_000,
+            batch_timeout: Duration::from_secs(2),
+            memory_mb: 64,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -149,6 +177,8 @@ impl Default for Config {
             mqtt: MqttSettings::default(),
             topics: Vec::new(),
             routes: Vec::new(),
+            api_token: None,
+            consumers: ConsumerSettings::default(),
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::consumers::{Consumers, Limits};
 use crate::mqtt::Broker;
 use crate::route::RouteTable;
 use crate::storage::{Op, Storage, StorageConfig, StorageError};
@@ -31,6 +32,8 @@ pub struct Node {
 #[derive(Clone)]
 pub struct AppState {
     pub storage: Storage,
+    pub consumers: Consumers,
+    pub api_token: Option<String>,
     pub ready: Arc<AtomicBool>,
     pub shutdown: CancellationToken,
 }
@@ -51,7 +54,7 @@ impl Node {
         sc.queue_depth = config.storage.queue_depth;
         sc.max_batch_ops = config.storage.max_batch_ops;
         let storage = tokio::task::spawn_blocking(move || Storage::open(sc)).await??;
-        for t in topics {
+        for t in topics.into_iter().chain(crate::consumers::internal_topics()) {
             match storage.create_topic(t.clone()).await {
                 Ok(_) => {
                     tracing::info!(topic = %t.name, partitions = t.partitions, "created topic")
@@ -70,6 +73,25 @@ impl Node {
         let http_addr = http.local_addr()?;
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let node_name = config.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "shoal".into())
+        });
+        let limits = Limits {
+            fuel_per_record: config.consumers.fuel_per_record,
+            fuel_base: config.consumers.fuel_per_batch,
+            timeout: config.consumers.batch_timeout,
+            memory_bytes: config.consumers.memory_mb << 20,
+        };
+        let consumers = Consumers::start(
+            storage.clone(),
+            limits,
+            tracker.clone(),
+            shutdown.clone(),
+            node_name,
+        )
+        .await?;
         let broker = Broker::new(storage.clone(), routes, config.mqtt.clone());
         tracker.spawn(crate::mqtt::serve(
             mqtt,
@@ -80,6 +102,8 @@ impl Node {
         let ready = Arc::new(AtomicBool::new(false));
         let state = AppState {
             storage: storage.clone(),
+            consumers,
+            api_token: config.api_token.clone(),
             ready: ready.clone(),
             shutdown: shutdown.clone(),
         };

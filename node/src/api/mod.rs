@@ -4,6 +4,7 @@
 //! person can act on. Request bodies are parsed here, never by an extractor that answers in
 //! plain text.
 
+mod consumers;
 mod records;
 
 use std::sync::atomic::Ordering;
@@ -97,6 +98,15 @@ pub fn router(state: AppState) -> Router {
             "/v1/topics/{topic}/partitions/{partition}/stream",
             get(records::stream),
         )
+        .route("/v1/consumers", get(consumers::list))
+        .route(
+            "/v1/consumers/{name}",
+            get(consumers::status)
+                .put(consumers::deploy)
+                .delete(consumers::remove),
+        )
+        .route("/v1/alerts", get(consumers::alerts))
+        .route("/v1/alerts/stream", get(consumers::stream))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)

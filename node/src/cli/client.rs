@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::{ConsumeArgs, TopicCommand};
+use base64::Engine;
+
+use super::{ConsumeArgs, ConsumerCommand, TopicCommand};
 
 fn http() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
@@ -168,6 +170,113 @@ async fn consume_partition(
             return Ok(());
         }
         if records.is_empty() && !follow {
+            return Ok(());
+        }
+    }
+}
+
+pub(super) async fn consumer(url: &str, token: Option<&str>, cmd: ConsumerCommand) -> anyhow::Result<()> {
+    let c = http()?;
+    let base = url.trim_end_matches('/');
+    let auth = |r: reqwest::RequestBuilder| match token {
+        Some(t) => r.bearer_auth(t),
+        None => r,
+    };
+    match cmd {
+        ConsumerCommand::Deploy {
+            name,
+            file,
+            topic,
+            filter,
+            config,
+            start,
+            webhook,
+        } => {
+            let module = std::fs::read(&file)
+                .with_context(|| format!("cannot read module {}", file.display()))?;
+            let config: Value = match config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read config {}", p.display()))?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not JSON", p.display()))?
+                }
+                None => json!({}),
+            };
+            if !matches!(start.as_str(), "beginning" | "latest") {
+                bail!("--start {start:?}: use beginning or latest");
+            }
+            let body = json!({
+                "module_base64": base64::engine::general_purpose::STANDARD.encode(&module),
+                "topic": topic,
+                "filter": filter,
+                "config": config,
+                "start": start,
+                "webhook": webhook,
+            });
+            let v = call(auth(c.put(format!("{base}/v1/consumers/{name}")).json(&body)), base).await?;
+            println!(
+                "deployed consumer {name} version {} on topic {} (filter {})",
+                v["version"], v["topic"].as_str().unwrap_or("?"), v["filter"].as_str().unwrap_or("?")
+            );
+        }
+        ConsumerCommand::List => {
+            let v = call(c.get(format!("{base}/v1/consumers")), base).await?;
+            println!("{:<20} {:>7} {:<16} {:<10} {:>10} {:>8} {:>8}", "CONSUMER", "VERSION", "TOPIC", "STATE", "RECORDS", "ALERTS", "LAG");
+            for s in v["consumers"].as_array().into_iter().flatten() {
+                let parts = s["partitions"].as_array().cloned().unwrap_or_default();
+                let sum = |f: &str| parts.iter().map(|p| p[f].as_u64().unwrap_or(0)).sum::<u64>();
+                println!(
+                    "{:<20} {:>7} {:<16} {:<10} {:>10} {:>8} {:>8}",
+                    s["name"].as_str().unwrap_or("?"),
+                    s["version"].as_u64().unwrap_or(0),
+                    s["topic"].as_str().unwrap_or("?"),
+                    s["state"].as_str().unwrap_or("?"),
+                    sum("records_in"),
+                    sum("alerts_out"),
+                    sum("lag"),
+                );
+            }
+        }
+        ConsumerCommand::Status { name } => {
+            let v = call(c.get(format!("{base}/v1/consumers/{name}")), base).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ConsumerCommand::Remove { name } => {
+            call(auth(c.delete(format!("{base}/v1/consumers/{name}"))), base).await?;
+            println!("removed consumer {name}");
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn alerts(url: &str, follow: bool, from: u64, consumer: Option<String>) -> anyhow::Result<()> {
+    let c = http()?;
+    let base = url.trim_end_matches('/');
+    let mut next = from;
+    loop {
+        let mut q = vec![
+            ("from", next.to_string()),
+            ("limit", "1000".to_string()),
+            ("wait_ms", if follow { "30000" } else { "0" }.to_string()),
+        ];
+        if let Some(cn) = &consumer {
+            q.push(("consumer", cn.clone()));
+        }
+        let v = call(c.get(format!("{base}/v1/alerts")).query(&q), base).await?;
+        let alerts = v["alerts"].as_array().cloned().unwrap_or_default();
+        {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            for a in &alerts {
+                writeln!(out, "{a}")?;
+            }
+            out.flush()?;
+        }
+        let new_next = v["next"].as_u64().unwrap_or(next);
+        let moved = new_next > next;
+        next = new_next;
+        if !follow && !moved {
             return Ok(());
         }
     }

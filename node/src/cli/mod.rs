@@ -41,6 +41,62 @@ enum Command {
     },
     /// Print a topic's records as JSON lines (one object per record).
     Consume(ConsumeArgs),
+    /// Deploy, list, inspect and remove WebAssembly consumers.
+    Consumer {
+        #[command(subcommand)]
+        command: ConsumerCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// API token for deploy and remove (when the node has one).
+        #[arg(long, env = "SHOAL_API_TOKEN", global = true, hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Print alerts as JSON lines.
+    Alerts {
+        /// Keep waiting for new alerts (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+        /// Offset in the alert log to start from.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Only this consumer's alerts.
+        #[arg(long)]
+        consumer: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConsumerCommand {
+    /// Upload a module (validated and compiled by the node) and start it. Deploying under
+    /// an existing name continues from the old version's checkpoint.
+    Deploy {
+        name: String,
+        /// The .wasm file (built for wasm32-unknown-unknown with shoal-sdk).
+        file: PathBuf,
+        /// Topic to consume.
+        #[arg(long, default_value = "telemetry")]
+        topic: String,
+        /// MQTT-style filter on record subjects.
+        #[arg(long, default_value = "#")]
+        filter: String,
+        /// JSON file with the consumer's config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where a first deploy starts: beginning or latest.
+        #[arg(long, default_value = "beginning")]
+        start: String,
+        /// POST every alert of this consumer to this URL.
+        #[arg(long)]
+        webhook: Option<String>,
+    },
+    /// List consumers.
+    List,
+    /// Per-partition owner, cursor, lag, counters and last error.
+    Status { name: String },
+    /// Stop a consumer and delete its checkpoints and state.
+    Remove { name: String },
 }
 
 #[derive(Args, Debug)]
@@ -81,6 +137,9 @@ struct UpArgs {
     /// TOML file with any setting (see README.md, "Configuration").
     #[arg(long, env = "SHOAL_CONFIG")]
     config: Option<PathBuf>,
+    /// Require this token (Authorization: Bearer) to deploy or remove consumers.
+    #[arg(long, env = "SHOAL_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Log filter, e.g. info, debug, shoal=debug.
     #[arg(long, env = "SHOAL_LOG", default_value = "info")]
     log: String,
@@ -153,6 +212,17 @@ pub fn main() -> ExitCode {
             Command::Up(args) => up(args).await,
             Command::Topic { command, api } => client::topic(&api.url, command).await,
             Command::Consume(args) => client::consume(args).await,
+            Command::Consumer {
+                command,
+                api,
+                token,
+            } => client::consumer(&api.url, token.as_deref(), command).await,
+            Command::Alerts {
+                follow,
+                from,
+                consumer,
+                api,
+            } => client::alerts(&api.url, follow, from, consumer).await,
         }
     });
     match result {
@@ -191,6 +261,9 @@ fn build_config(args: &UpArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.gossip_addr {
         config.gossip_addr = v;
+    }
+    if let Some(t) = &args.api_token {
+        config.api_token = Some(t.clone());
     }
     if !args.seeds.is_empty() {
         config.seeds = args.seeds.clone();
