@@ -17,13 +17,16 @@ fi
 # rust-toolchain.toml pins the toolchain (with rustfmt, clippy and the wasm32 target);
 # rustup installs it on first use.
 rustup show active-toolchain >/dev/null
+rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || rustup target add wasm32-unknown-unknown
 
 echo "gate: cargo fmt --check"
 cargo fmt --all --check
 echo "gate: cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "gate: build binaries used by the process tests"
+echo "gate: build binaries used by the process tests, and the example consumers as wasm"
 cargo build --workspace --bins --locked
+cargo build --locked --profile wasm --target wasm32-unknown-unknown \
+  -p threshold -p zscore -p flatline -p rate-of-change -p missing-data -p transform
 echo "gate: tests"
 if cargo nextest --version >/dev/null 2>&1; then
   # nextest does not run doctests; run them first so the summary printed last is the

@@ -445,3 +445,53 @@ impl Process {
             .expect("wait")
     }
 }
+
+/// Path of an example consumer built for wasm (`cargo build --profile wasm --target
+/// wasm32-unknown-unknown -p NAME`; the gate does it).
+pub fn consumer_wasm(name: &str) -> Vec<u8> {
+    let exe = std::env::current_exe().expect("current exe");
+    let target = exe
+        .ancestors()
+        .find(|d| d.file_name().is_some_and(|n| n == "target"))
+        .expect("target dir")
+        .to_path_buf();
+    let path = target
+        .join("wasm32-unknown-unknown/wasm")
+        .join(format!("{}.wasm", name.replace('-', "_")));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build the example consumers first: cargo build --profile wasm \
+             --target wasm32-unknown-unknown -p {name} (scripts/gate.sh does)",
+            path.display()
+        )
+    })
+}
+
+/// Deploys a consumer through the API; returns (status code, reply).
+pub async fn deploy(
+    base: &str,
+    name: &str,
+    module: &[u8],
+    body: serde_json::Value,
+    token: Option<&str>,
+) -> (u16, Value) {
+    use base64::Engine;
+    let mut body = body;
+    body["module_base64"] = base64::engine::general_purpose::STANDARD.encode(module).into();
+    let mut req = reqwest::Client::new()
+        .put(format!("{base}/v1/consumers/{name}"))
+        .json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("PUT");
+    let code = resp.status().as_u16();
+    (code, resp.json().await.expect("JSON"))
+}
+
+/// Alerts from `GET /v1/alerts` (all of them, from offset 0).
+pub async fn alerts(base: &str, consumer: Option<&str>) -> Vec<Value> {
+    let q = consumer.map_or(String::new(), |c| format!("&consumer={c}"));
+    let v = http_get(base, &format!("/v1/alerts?from=0&limit=10000{q}")).await;
+    v["alerts"].as_array().cloned().unwrap_or_default()
+}
