@@ -19,7 +19,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Delivers `consumer`'s alerts to `url` until cancelled. Its position in `_alerts` is
 /// stored (cursor `webhook/{consumer}`), so a restart resumes without losing any alert; a
 /// receiver may see an alert twice across a crash and dedupes on the idempotency key.
-pub async fn webhook_task(storage: Storage, consumer: String, url: String, cancel: CancellationToken) {
+pub async fn webhook_task(
+    storage: Storage,
+    consumer: String,
+    url: String,
+    cancel: CancellationToken,
+) {
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

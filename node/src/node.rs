@@ -54,7 +54,10 @@ impl Node {
         sc.queue_depth = config.storage.queue_depth;
         sc.max_batch_ops = config.storage.max_batch_ops;
         let storage = tokio::task::spawn_blocking(move || Storage::open(sc)).await??;
-        for t in topics.into_iter().chain(crate::consumers::internal_topics()) {
+        for t in topics
+            .into_iter()
+            .chain(crate::consumers::internal_topics())
+        {
             match storage.create_topic(t.clone()).await {
                 Ok(_) => {
                     tracing::info!(topic = %t.name, partitions = t.partitions, "created topic")

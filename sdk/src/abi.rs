@@ -29,32 +29,62 @@ pub const ABI_VERSION: u32 = 1;
 /// Import module name.
 pub const IMPORT_MODULE: &str = "shoal";
 
-/// A batch of records from one partition, in log order.
+/// A batch of records from one partition, in log order. Records borrow from the encoded
+/// batch (zero-copy decode in the guest, zero-copy encode in the host).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Batch {
+pub struct Batch<'a> {
     pub partition: u32,
-    pub records: Vec<Record>,
+    #[serde(borrow)]
+    pub records: Vec<Record<'a>>,
 }
 
 /// A record as a consumer sees it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Record {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record<'a> {
+    pub offset: u64,
+    pub origin: u64,
+    pub seq: u64,
+    pub event_time_ms: u64,
+    pub ingest_time_ms: u64,
+    pub key: &'a [u8],
+    /// The MQTT topic (or HTTP subject) the record came from.
+    pub subject: &'a str,
+    pub payload: &'a [u8],
+}
+
+/// An owned record, for building batches (tests, benchmarks).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OwnedRecord {
     pub offset: u64,
     pub origin: u64,
     pub seq: u64,
     pub event_time_ms: u64,
     pub ingest_time_ms: u64,
     pub key: Vec<u8>,
-    /// The MQTT topic (or HTTP subject) the record came from.
     pub subject: String,
     pub payload: Vec<u8>,
 }
 
-impl Record {
+impl OwnedRecord {
+    pub fn as_record(&self) -> Record<'_> {
+        Record {
+            offset: self.offset,
+            origin: self.origin,
+            seq: self.seq,
+            event_time_ms: self.event_time_ms,
+            ingest_time_ms: self.ingest_time_ms,
+            key: &self.key,
+            subject: &self.subject,
+            payload: &self.payload,
+        }
+    }
+}
+
+impl Record<'_> {
     /// The numeric reading: a bare number payload (`21.5`), or the numeric `field` of a
     /// JSON object payload (`{"value": 21.5}`).
     pub fn value(&self, field: &str) -> Option<f64> {
-        let text = std::str::from_utf8(&self.payload).ok()?.trim();
+        let text = std::str::from_utf8(self.payload).ok()?.trim();
         if let Ok(v) = text.parse::<f64>() {
             return v.is_finite().then_some(v);
         }
@@ -69,7 +99,7 @@ impl Record {
 
     /// The key as text (lossy).
     pub fn key_str(&self) -> String {
-        String::from_utf8_lossy(&self.key).into_owned()
+        String::from_utf8_lossy(self.key).into_owned()
     }
 }
 
@@ -139,9 +169,9 @@ pub fn unpack(v: u64) -> (u32, u32) {
 mod tests {
     use super::*;
 
-    fn rec(payload: &str) -> Record {
+    fn rec(payload: &str) -> Record<'_> {
         Record {
-            payload: payload.as_bytes().to_vec(),
+            payload: payload.as_bytes(),
             ..Record::default()
         }
     }
@@ -167,9 +197,9 @@ mod tests {
                 seq: 4,
                 event_time_ms: 5,
                 ingest_time_ms: 6,
-                key: b"k".to_vec(),
-                subject: "s".into(),
-                payload: b"1".to_vec(),
+                key: b"k",
+                subject: "s",
+                payload: b"1",
             }],
         };
         let bytes = postcard::to_allocvec(&b).unwrap_or_default();

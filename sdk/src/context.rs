@@ -79,7 +79,13 @@ impl<'a> Context<'a> {
     }
 
     /// Raises an alert about `key` (e.g. the sensor's subject).
-    pub fn alert(&mut self, key: &str, severity: Severity, message: impl Into<String>, value: Option<f64>) {
+    pub fn alert(
+        &mut self,
+        key: &str,
+        severity: Severity,
+        message: impl Into<String>,
+        value: Option<f64>,
+    ) {
         self.out.alerts.push(Alert {
             record_index: self.index,
             key: key.to_string(),

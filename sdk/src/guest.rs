@@ -82,7 +82,13 @@ pub fn alloc(len: u32) -> u32 {
 /// `shoal_dealloc`.
 pub fn dealloc(ptr: u32, len: u32) {
     // SAFETY: `ptr` came from `alloc(len)` (the ABI contract).
-    unsafe { drop(Vec::from_raw_parts(ptr as usize as *mut u8, 0, len as usize)) }
+    unsafe {
+        drop(Vec::from_raw_parts(
+            ptr as usize as *mut u8,
+            0,
+            len as usize,
+        ))
+    }
 }
 
 /// Takes ownership of an input buffer the host filled.
@@ -116,11 +122,10 @@ pub fn init<C: Consumer>(ptr: u32, len: u32) -> u64 {
 /// `shoal_consume`.
 pub fn consume<C: Consumer>(ptr: u32, len: u32) -> u64 {
     let input = take_input(ptr, len);
-    let Ok(batch) = postcard::from_bytes::<Batch>(&input) else {
+    let Ok(batch) = postcard::from_bytes::<Batch<'_>>(&input) else {
         // The host never sends this; trap so the host reports it.
         panic!("shoal: undecodable batch");
     };
-    drop(input);
     let out = INSTANCE.with(|i| {
         let mut slot = i.borrow_mut();
         let c = slot

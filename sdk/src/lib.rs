@@ -18,9 +18,9 @@
 //!         self.limit = shoal_sdk::config_f64(config, "limit").unwrap_or(80.0);
 //!         Ok(())
 //!     }
-//!     fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record) {
+//!     fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record<'_>) {
 //!         if let Some(v) = r.value("value") && v > self.limit {
-//!             ctx.alert(&r.subject, Severity::Warning, format!("{v} > {}", self.limit), Some(v));
+//!             ctx.alert(r.subject, Severity::Warning, format!("{v} > {}", self.limit), Some(v));
 //!         }
 //!     }
 //! }
@@ -33,7 +33,7 @@ mod context;
 pub mod guest;
 pub mod testing;
 
-pub use abi::{ABI_VERSION, Record, Severity};
+pub use abi::{ABI_VERSION, OwnedRecord, Record, Severity};
 pub use context::{Context, Host};
 
 /// A stream consumer: called once per record, in partition order, with a [`Context`] for
@@ -46,12 +46,16 @@ pub trait Consumer: Default + 'static {
     }
 
     /// Called for every record matching the deployment's subject filter.
-    fn on_record(&mut self, ctx: &mut Context<'_>, record: &Record);
+    fn on_record(&mut self, ctx: &mut Context<'_>, record: &Record<'_>);
 }
 
 /// Runs one batch through a consumer: the same code path for the wasm glue and the native
 /// test harness.
-pub fn run_batch<C: Consumer>(consumer: &mut C, host: &mut dyn Host, batch: &abi::Batch) -> abi::Output {
+pub fn run_batch<C: Consumer>(
+    consumer: &mut C,
+    host: &mut dyn Host,
+    batch: &abi::Batch<'_>,
+) -> abi::Output {
     let mut out = abi::Output::default();
     let mut overlay = std::collections::BTreeMap::new();
     for (i, record) in batch.records.iter().enumerate() {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::abi::{Alert, Batch, Emit, Record};
+use crate::abi::{Alert, Batch, Emit, OwnedRecord};
 use crate::{Consumer, Host, run_batch};
 
 /// In-memory host.
@@ -50,9 +50,9 @@ impl<C: Consumer> Harness<C> {
     }
 
     /// A record on `subject` (also its key) with `payload` at `event_time_ms`.
-    pub fn record(&mut self, subject: &str, payload: &str, event_time_ms: u64) -> Record {
+    pub fn record(&mut self, subject: &str, payload: &str, event_time_ms: u64) -> OwnedRecord {
         self.next_offset += 1;
-        Record {
+        OwnedRecord {
             offset: self.next_offset - 1,
             origin: 1,
             seq: self.next_offset,
@@ -65,10 +65,10 @@ impl<C: Consumer> Harness<C> {
     }
 
     /// Runs one batch; returns the alerts it raised (also accumulated in `self.alerts`).
-    pub fn feed(&mut self, records: Vec<Record>) -> Vec<Alert> {
+    pub fn feed(&mut self, records: Vec<OwnedRecord>) -> Vec<Alert> {
         let batch = Batch {
             partition: 0,
-            records,
+            records: records.iter().map(OwnedRecord::as_record).collect(),
         };
         let out = run_batch(&mut self.consumer, &mut self.host, &batch);
         for (k, v) in out.state {

@@ -96,14 +96,20 @@ pub async fn deploy(
         .deploy(DeployRequest {
             name,
             module: Bytes::from(module),
-            topic: b.topic.unwrap_or_else(|| crate::config::DEFAULT_TOPIC.into()),
+            topic: b
+                .topic
+                .unwrap_or_else(|| crate::config::DEFAULT_TOPIC.into()),
             filter: b.filter.unwrap_or_else(|| "#".into()),
             config: b.config.unwrap_or_else(|| json!({})).to_string(),
             start: b.start.unwrap_or_default(),
             webhook: b.webhook,
         })
         .await?;
-    let code = if existed { StatusCode::OK } else { StatusCode::CREATED };
+    let code = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     Ok((code, axum::Json(status)).into_response())
 }
 
@@ -113,7 +119,10 @@ pub async fn list(State(s): State<AppState>) -> axum::Json<Value> {
 }
 
 /// `GET /v1/consumers/{name}`
-pub async fn status(State(s): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub async fn status(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let st = s
         .consumers
         .status(&name)
@@ -162,8 +171,8 @@ pub async fn alerts(
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let mut from = q.from.unwrap_or(0);
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.unwrap_or(0)).min(Duration::from_secs(60));
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(q.wait_ms.unwrap_or(0)).min(Duration::from_secs(60));
     let mut commits = s.storage.watch_commits();
     let mut out = Vec::new();
     loop {
@@ -182,7 +191,10 @@ pub async fn alerts(
             }
         }
         let scanned_all = batch.records.len() < limit;
-        if !out.is_empty() || tokio::time::Instant::now() >= deadline || (!scanned_all && out.len() >= limit) {
+        if !out.is_empty()
+            || tokio::time::Instant::now() >= deadline
+            || (!scanned_all && out.len() >= limit)
+        {
             break;
         }
         if !scanned_all {
@@ -214,7 +226,8 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let st = s.storage.clone();
-    let meta = tokio::task::spawn_blocking(move || st.partition_meta(ALERTS_TOPIC, PartitionId(0))).await??;
+    let meta = tokio::task::spawn_blocking(move || st.partition_meta(ALERTS_TOPIC, PartitionId(0)))
+        .await??;
     let from = match q.from.as_deref() {
         None | Some("latest") => meta.next_offset,
         Some("beginning") => meta.log_start,
@@ -224,36 +237,47 @@ pub async fn stream(
     };
     let commits = s.storage.watch_commits();
     let init = (s, q.consumer, from, commits, Vec::<Event>::new());
-    let events = futures::stream::unfold(init, |(s, consumer, mut next, mut commits, mut queue)| async move {
-        loop {
-            if let Some(e) = queue.pop() {
-                return Some((Ok::<_, std::convert::Infallible>(e), (s, consumer, next, commits, queue)));
-            }
-            commits.borrow_and_update();
-            let st = s.storage.clone();
-            let from = next;
-            let batch = tokio::task::spawn_blocking(move || {
-                st.read(ALERTS_TOPIC, PartitionId(0), Offset(from), 500, 4 << 20)
-            })
-            .await;
-            let Ok(Ok(batch)) = batch else { return None };
-            next = next.max(batch.log_start.0);
-            if !batch.records.is_empty() {
-                for (o, r) in batch.records.iter().rev() {
-                    let v = alert_json(*o, &r.payload);
-                    if consumer.as_deref().is_none_or(|c| v["consumer"] == c) {
-                        queue.push(Event::default().event("alert").id(o.0.to_string()).data(v.to_string()));
-                    }
+    let events = futures::stream::unfold(
+        init,
+        |(s, consumer, mut next, mut commits, mut queue)| async move {
+            loop {
+                if let Some(e) = queue.pop() {
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(e),
+                        (s, consumer, next, commits, queue),
+                    ));
                 }
-                next = batch.records.last().map_or(next, |(o, _)| o.0 + 1);
-                continue;
+                commits.borrow_and_update();
+                let st = s.storage.clone();
+                let from = next;
+                let batch = tokio::task::spawn_blocking(move || {
+                    st.read(ALERTS_TOPIC, PartitionId(0), Offset(from), 500, 4 << 20)
+                })
+                .await;
+                let Ok(Ok(batch)) = batch else { return None };
+                next = next.max(batch.log_start.0);
+                if !batch.records.is_empty() {
+                    for (o, r) in batch.records.iter().rev() {
+                        let v = alert_json(*o, &r.payload);
+                        if consumer.as_deref().is_none_or(|c| v["consumer"] == c) {
+                            queue.push(
+                                Event::default()
+                                    .event("alert")
+                                    .id(o.0.to_string())
+                                    .data(v.to_string()),
+                            );
+                        }
+                    }
+                    next = batch.records.last().map_or(next, |(o, _)| o.0 + 1);
+                    continue;
+                }
+                tokio::select! {
+                    _ = s.shutdown.cancelled() => return None,
+                    changed = commits.changed() => if changed.is_err() { return None },
+                }
             }
-            tokio::select! {
-                _ = s.shutdown.cancelled() => return None,
-                changed = commits.changed() => if changed.is_err() { return None },
-            }
-        }
-    });
+        },
+    );
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())

@@ -175,7 +175,11 @@ async fn consume_partition(
     }
 }
 
-pub(super) async fn consumer(url: &str, token: Option<&str>, cmd: ConsumerCommand) -> anyhow::Result<()> {
+pub(super) async fn consumer(
+    url: &str,
+    token: Option<&str>,
+    cmd: ConsumerCommand,
+) -> anyhow::Result<()> {
     let c = http()?;
     let base = url.trim_end_matches('/');
     let auth = |r: reqwest::RequestBuilder| match token {
@@ -214,18 +218,32 @@ pub(super) async fn consumer(url: &str, token: Option<&str>, cmd: ConsumerComman
                 "start": start,
                 "webhook": webhook,
             });
-            let v = call(auth(c.put(format!("{base}/v1/consumers/{name}")).json(&body)), base).await?;
+            let v = call(
+                auth(c.put(format!("{base}/v1/consumers/{name}")).json(&body)),
+                base,
+            )
+            .await?;
             println!(
                 "deployed consumer {name} version {} on topic {} (filter {})",
-                v["version"], v["topic"].as_str().unwrap_or("?"), v["filter"].as_str().unwrap_or("?")
+                v["version"],
+                v["topic"].as_str().unwrap_or("?"),
+                v["filter"].as_str().unwrap_or("?")
             );
         }
         ConsumerCommand::List => {
             let v = call(c.get(format!("{base}/v1/consumers")), base).await?;
-            println!("{:<20} {:>7} {:<16} {:<10} {:>10} {:>8} {:>8}", "CONSUMER", "VERSION", "TOPIC", "STATE", "RECORDS", "ALERTS", "LAG");
+            println!(
+                "{:<20} {:>7} {:<16} {:<10} {:>10} {:>8} {:>8}",
+                "CONSUMER", "VERSION", "TOPIC", "STATE", "RECORDS", "ALERTS", "LAG"
+            );
             for s in v["consumers"].as_array().into_iter().flatten() {
                 let parts = s["partitions"].as_array().cloned().unwrap_or_default();
-                let sum = |f: &str| parts.iter().map(|p| p[f].as_u64().unwrap_or(0)).sum::<u64>();
+                let sum = |f: &str| {
+                    parts
+                        .iter()
+                        .map(|p| p[f].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                };
                 println!(
                     "{:<20} {:>7} {:<16} {:<10} {:>10} {:>8} {:>8}",
                     s["name"].as_str().unwrap_or("?"),
@@ -250,7 +268,12 @@ pub(super) async fn consumer(url: &str, token: Option<&str>, cmd: ConsumerComman
     Ok(())
 }
 
-pub(super) async fn alerts(url: &str, follow: bool, from: u64, consumer: Option<String>) -> anyhow::Result<()> {
+pub(super) async fn alerts(
+    url: &str,
+    follow: bool,
+    from: u64,
+    consumer: Option<String>,
+) -> anyhow::Result<()> {
     let c = http()?;
     let base = url.trim_end_matches('/');
     let mut next = from;

@@ -177,7 +177,13 @@ pub fn alert_id(consumer: &str, topic: &str, partition: u32, r: &Record, index: 
 fn topic_safe(key: &str) -> String {
     let s: String = key
         .chars()
-        .map(|c| if matches!(c, '+' | '#' | '\0') { '_' } else { c })
+        .map(|c| {
+            if matches!(c, '+' | '#' | '\0') {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     if s.is_empty() { "_".into() } else { s }
 }
@@ -191,7 +197,8 @@ impl Consumers {
         shutdown: CancellationToken,
         node_name: String,
     ) -> anyhow::Result<Consumers> {
-        let runtime = Arc::new(tokio::task::spawn_blocking(Runtime::new).await??);
+        let fuel = limits.fuel_per_record > 0;
+        let runtime = Arc::new(tokio::task::spawn_blocking(move || Runtime::new(fuel)).await??);
         let me = Consumers {
             inner: Arc::new(Inner {
                 storage: storage.clone(),
@@ -217,7 +224,9 @@ impl Consumers {
             let rt = me.inner.runtime.clone();
             match tokio::task::spawn_blocking(move || rt.compile(&bytes)).await? {
                 Ok(module) => me.launch(spec, module),
-                Err(e) => tracing::error!(consumer = %spec.name, error = %e, "stored module no longer compiles"),
+                Err(e) => {
+                    tracing::error!(consumer = %spec.name, error = %e, "stored module no longer compiles")
+                }
             }
         }
         Ok(me)
@@ -244,14 +253,22 @@ impl Consumers {
             return Err(DeployError::BadRequest("config must be JSON".into()));
         }
         if let Some(url) = &req.webhook
-            && reqwest::Url::parse(url).map(|u| !matches!(u.scheme(), "http" | "https")).unwrap_or(true)
+            && reqwest::Url::parse(url)
+                .map(|u| !matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(true)
         {
-            return Err(DeployError::BadRequest(format!("webhook {url:?} is not an http(s) URL")));
+            return Err(DeployError::BadRequest(format!(
+                "webhook {url:?} is not an http(s) URL"
+            )));
         }
         // Compile, then prove the module instantiates and accepts its config.
         let rt = self.inner.runtime.clone();
         let (bytes, config) = (req.module.clone(), req.config.clone());
-        let (storage, name, limits) = (self.inner.storage.clone(), req.name.clone(), self.inner.limits);
+        let (storage, name, limits) = (
+            self.inner.storage.clone(),
+            req.name.clone(),
+            self.inner.limits,
+        );
         let module = tokio::task::spawn_blocking(move || {
             let m = rt.compile(&bytes)?;
             rt.instantiate(&m, &config, storage, &name, 0, limits)?;
@@ -286,7 +303,10 @@ impl Consumers {
             let t = topic.name.clone();
             let ends = tokio::task::spawn_blocking(move || {
                 (0..topic.partitions)
-                    .map(|p| st.partition_meta(&t, PartitionId(p)).map(|m| (p, m.next_offset)))
+                    .map(|p| {
+                        st.partition_meta(&t, PartitionId(p))
+                            .map(|m| (p, m.next_offset))
+                    })
                     .collect::<Result<Vec<_>, _>>()
             })
             .await
@@ -330,7 +350,9 @@ impl Consumers {
         }
         self.inner
             .storage
-            .write(vec![Op::DeleteConsumer { name: name.to_string() }])
+            .write(vec![Op::DeleteConsumer {
+                name: name.to_string(),
+            }])
             .await?;
         tracing::info!(consumer = %name, "consumer removed");
         Ok(())
@@ -509,7 +531,9 @@ impl Runner {
                 continue;
             }
             let retry = self.parts.iter().filter_map(|p| p.retry_at).min();
-            let wait = retry.map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+            let wait = retry.map_or(Duration::from_secs(3600), |t| {
+                t.saturating_duration_since(Instant::now())
+            });
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = commits.changed() => {}
@@ -566,19 +590,28 @@ impl Runner {
                             seq: r.id.seq.0,
                             event_time_ms: r.event_time_ms,
                             ingest_time_ms: r.ingest_time_ms,
-                            key: r.key.to_vec(),
-                            subject: r.subject.clone(),
-                            payload: r.payload.to_vec(),
+                            key: &r.key,
+                            subject: &r.subject,
+                            payload: &r.payload,
                         }
                     })
                     .collect(),
             };
-            match self.call(p, input).await {
+            let n = input.records.len();
+            let encoded = match runtime::encode_batch(&input) {
+                Ok(e) => e,
+                Err(e) => return self.failed(p, &records, e).await,
+            };
+            drop(input);
+            match self.call(p, encoded, n).await {
                 Ok(out) => out,
                 Err(e) => return self.failed(p, &records, e).await,
             }
         };
-        match self.commit(topic, p, &records, &selected, output, last + 1).await {
+        match self
+            .commit(topic, p, &records, &selected, output, last + 1)
+            .await
+        {
             Ok(()) => Ok(true),
             Err(CommitError::Consumer(e)) => self.failed(p, &records, e).await,
             Err(CommitError::Storage(e)) => Err(e),
@@ -586,7 +619,12 @@ impl Runner {
     }
 
     /// Runs the module on a blocking thread (creating its instance if needed).
-    async fn call(&mut self, p: u32, input: abi::Batch) -> Result<abi::Output, ConsumerError> {
+    async fn call(
+        &mut self,
+        p: u32,
+        input: Vec<u8>,
+        records: usize,
+    ) -> Result<abi::Output, ConsumerError> {
         let instance = self.instances.remove(&p);
         let rt = self.inner.runtime.clone();
         let module = self.module.clone();
@@ -602,9 +640,9 @@ impl Runner {
                 Some(i) => i,
                 None => rt.instantiate(&module, &config, storage, &name, p, limits)?,
             };
-            let out = inst.consume(&input);
+            let out = inst.consume_encoded(&input, records);
             let fuel_left = inst.fuel_left();
-            let budget = limits.fuel_base + limits.fuel_per_record * input.records.len() as u64;
+            let budget = limits.fuel_base + limits.fuel_per_record * records as u64;
             // A failed instance may hold broken state: drop it, a fresh one is made on retry.
             let keep = out.is_ok().then_some(inst);
             Ok::<_, ConsumerError>((out, keep, budget.saturating_sub(fuel_left)))
@@ -776,7 +814,12 @@ impl Runner {
         }
         for e in &out.emits {
             let (_, r) = source(e.record_index)?;
-            let Some(target) = self.inner.storage.topic(&e.topic).filter(|t| !t.name.starts_with('_')) else {
+            let Some(target) = self
+                .inner
+                .storage
+                .topic(&e.topic)
+                .filter(|t| !t.name.starts_with('_'))
+            else {
                 return Err(CommitError::Consumer(ConsumerError::BadOutput(format!(
                     "emits to topic {:?}, which does not exist (create it first)",
                     e.topic
@@ -810,7 +853,11 @@ impl Runner {
             checkpoint: checkpoint.clone(),
             state: out.state.clone(),
         });
-        self.inner.storage.write(ops).await.map_err(CommitError::Storage)?;
+        self.inner
+            .storage
+            .write(ops)
+            .await
+            .map_err(CommitError::Storage)?;
         if let Some(i) = self.instances.get_mut(&p) {
             i.committed(&out.state);
         }
@@ -821,7 +868,11 @@ impl Runner {
         if ps.isolate_until.is_some_and(|u| next > u) {
             ps.isolate_until = None;
         }
-        let (n_in, n_alerts, n_emits) = (selected.len() as u64, out.alerts.len() as u64, out.emits.len() as u64);
+        let (n_in, n_alerts, n_emits) = (
+            selected.len() as u64,
+            out.alerts.len() as u64,
+            out.emits.len() as u64,
+        );
         METRICS.consumer_records_in.inc_by(n_in);
         METRICS.consumer_alerts_out.inc_by(n_alerts);
         self.with_status(p, |s| {

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use shoal_sdk::abi::{self, Batch, InitResult, Output};
 use wasmtime::{
-    Caller, Engine, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap,
-    TypedFunc,
+    Caller, Engine, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc,
 };
 
 use crate::storage::Storage;
@@ -81,6 +80,7 @@ pub struct HostCtx {
 /// The node's wasm engine and the host functions.
 pub struct Runtime {
     engine: Engine,
+    fuel: bool,
     linker: Linker<HostCtx>,
     stop: Arc<AtomicBool>,
     ticker: Option<std::thread::JoinHandle<()>>,
@@ -102,7 +102,12 @@ fn memory_of(caller: &mut Caller<'_, HostCtx>) -> wasmtime::Result<Memory> {
         .ok_or_else(|| wasmtime::Error::msg("module exports no memory"))
 }
 
-fn guest_bytes(mem: &Memory, caller: &Caller<'_, HostCtx>, ptr: u32, len: u32) -> wasmtime::Result<Vec<u8>> {
+fn guest_bytes(
+    mem: &Memory,
+    caller: &Caller<'_, HostCtx>,
+    ptr: u32,
+    len: u32,
+) -> wasmtime::Result<Vec<u8>> {
     let start = ptr as usize;
     let end = start
         .checked_add(len as usize)
@@ -114,69 +119,88 @@ fn guest_bytes(mem: &Memory, caller: &Caller<'_, HostCtx>, ptr: u32, len: u32) -
 }
 
 impl Runtime {
-    pub fn new() -> anyhow::Result<Runtime> {
+    /// A runtime; `fuel` adds a deterministic instruction budget on top of the wall-clock
+    /// deadline (epochs), at some cost in speed.
+    pub fn new(fuel: bool) -> anyhow::Result<Runtime> {
         let mut cfg = wasmtime::Config::new();
-        cfg.consume_fuel(true);
+        cfg.consume_fuel(fuel);
         cfg.epoch_interruption(true);
         cfg.max_wasm_stack(512 << 10);
         cfg.cranelift_opt_level(wasmtime::OptLevel::Speed);
         let engine = Engine::new(&cfg).map_err(wt)?;
         let mut linker: Linker<HostCtx> = Linker::new(&engine);
-        linker.func_wrap(
-            abi::IMPORT_MODULE,
-            "state_get",
-            |mut caller: Caller<'_, HostCtx>, kp: u32, kl: u32, dp: u32, dc: u32| -> wasmtime::Result<i32> {
-                let mem = memory_of(&mut caller)?;
-                let key = guest_bytes(&mem, &caller, kp, kl)?;
-                let value = {
+        linker
+            .func_wrap(
+                abi::IMPORT_MODULE,
+                "state_get",
+                |mut caller: Caller<'_, HostCtx>,
+                 kp: u32,
+                 kl: u32,
+                 dp: u32,
+                 dc: u32|
+                 -> wasmtime::Result<i32> {
+                    let mem = memory_of(&mut caller)?;
+                    let key = guest_bytes(&mem, &caller, kp, kl)?;
+                    let value = {
+                        let ctx = caller.data_mut();
+                        match ctx.cache.get(&key) {
+                            Some(v) => v.clone(),
+                            None => {
+                                let v = ctx
+                                    .storage
+                                    .consumer_state(&ctx.consumer, ctx.partition, &key)
+                                    .map_err(|e| {
+                                        wasmtime::Error::msg(format!("state read failed: {e}"))
+                                    })?;
+                                ctx.cache.insert(key, v.clone());
+                                v
+                            }
+                        }
+                    };
+                    let Some(value) = value else { return Ok(-1) };
+                    let n = value.len().min(dc as usize);
+                    let start = dp as usize;
+                    let dst = mem
+                        .data_mut(&mut caller)
+                        .get_mut(start..start + n)
+                        .ok_or_else(|| wasmtime::Error::msg("out-of-bounds state buffer"))?;
+                    dst.copy_from_slice(&value[..n]);
+                    Ok(i32::try_from(value.len()).unwrap_or(i32::MAX))
+                },
+            )
+            .map_err(wt)?;
+        linker
+            .func_wrap(
+                abi::IMPORT_MODULE,
+                "log",
+                |mut caller: Caller<'_, HostCtx>,
+                 level: u32,
+                 ptr: u32,
+                 len: u32|
+                 -> wasmtime::Result<()> {
+                    let mem = memory_of(&mut caller)?;
+                    let bytes = guest_bytes(&mem, &caller, ptr, len.min(1024))?;
                     let ctx = caller.data_mut();
-                    match ctx.cache.get(&key) {
-                        Some(v) => v.clone(),
-                        None => {
-                            let v = ctx
-                                .storage
-                                .consumer_state(&ctx.consumer, ctx.partition, &key)
-                                .map_err(|e| wasmtime::Error::msg(format!("state read failed: {e}")))?;
-                            ctx.cache.insert(key, v.clone());
-                            v
+                    ctx.log_lines += 1;
+                    if ctx.log_lines <= MAX_LOG_LINES {
+                        let msg = String::from_utf8_lossy(&bytes);
+                        let (c, p) = (&ctx.consumer, ctx.partition);
+                        match level {
+                            0 => tracing::error!(consumer = %c, partition = p, "{msg}"),
+                            1 => tracing::warn!(consumer = %c, partition = p, "{msg}"),
+                            2 => tracing::info!(consumer = %c, partition = p, "{msg}"),
+                            _ => tracing::debug!(consumer = %c, partition = p, "{msg}"),
                         }
                     }
-                };
-                let Some(value) = value else { return Ok(-1) };
-                let n = value.len().min(dc as usize);
-                let start = dp as usize;
-                let dst = mem
-                    .data_mut(&mut caller)
-                    .get_mut(start..start + n)
-                    .ok_or_else(|| wasmtime::Error::msg("out-of-bounds state buffer"))?;
-                dst.copy_from_slice(&value[..n]);
-                Ok(i32::try_from(value.len()).unwrap_or(i32::MAX))
-            },
-        ).map_err(wt)?;
-        linker.func_wrap(
-            abi::IMPORT_MODULE,
-            "log",
-            |mut caller: Caller<'_, HostCtx>, level: u32, ptr: u32, len: u32| -> wasmtime::Result<()> {
-                let mem = memory_of(&mut caller)?;
-                let bytes = guest_bytes(&mem, &caller, ptr, len.min(1024))?;
-                let ctx = caller.data_mut();
-                ctx.log_lines += 1;
-                if ctx.log_lines <= MAX_LOG_LINES {
-                    let msg = String::from_utf8_lossy(&bytes);
-                    let (c, p) = (&ctx.consumer, ctx.partition);
-                    match level {
-                        0 => tracing::error!(consumer = %c, partition = p, "{msg}"),
-                        1 => tracing::warn!(consumer = %c, partition = p, "{msg}"),
-                        2 => tracing::info!(consumer = %c, partition = p, "{msg}"),
-                        _ => tracing::debug!(consumer = %c, partition = p, "{msg}"),
-                    }
-                }
-                Ok(())
-            },
-        ).map_err(wt)?;
-        linker.func_wrap(abi::IMPORT_MODULE, "now_ms", || -> i64 {
-            crate::types::now_ms() as i64
-        }).map_err(wt)?;
+                    Ok(())
+                },
+            )
+            .map_err(wt)?;
+        linker
+            .func_wrap(abi::IMPORT_MODULE, "now_ms", || -> i64 {
+                crate::types::now_ms() as i64
+            })
+            .map_err(wt)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (e, s) = (engine.clone(), stop.clone());
         let ticker = std::thread::Builder::new()
@@ -189,6 +213,7 @@ impl Runtime {
             })?;
         Ok(Runtime {
             engine,
+            fuel,
             linker,
             stop,
             ticker: Some(ticker),
@@ -223,7 +248,13 @@ impl Runtime {
                 )));
             }
         }
-        for needed in ["memory", "shoal_abi_version", "shoal_alloc", "shoal_init", "shoal_consume"] {
+        for needed in [
+            "memory",
+            "shoal_abi_version",
+            "shoal_alloc",
+            "shoal_init",
+            "shoal_consume",
+        ] {
             if module.get_export(needed).is_none() {
                 return Err(ConsumerError::Invalid(format!(
                     "does not export {needed}; use shoal_sdk::export_consumer!"
@@ -259,7 +290,11 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, ctx);
         store.limiter(|c| &mut c.limits);
-        store.set_fuel(limits.fuel_base).map_err(|e| ConsumerError::Invalid(e.to_string()))?;
+        if self.fuel {
+            store
+                .set_fuel(limits.fuel_base)
+                .map_err(|e| ConsumerError::Invalid(e.to_string()))?;
+        }
         store.set_epoch_deadline(ticks(limits.timeout));
         store.epoch_deadline_trap();
         let instance = self
@@ -292,6 +327,7 @@ impl Runtime {
             )));
         }
         let mut inst = Instance {
+            fuel: self.fuel,
             store,
             memory,
             alloc,
@@ -309,6 +345,12 @@ impl Runtime {
         result.map_err(ConsumerError::Init)?;
         Ok(inst)
     }
+}
+
+/// Encodes a batch for [`Instance::consume_encoded`].
+pub fn encode_batch(batch: &Batch<'_>) -> Result<Vec<u8>, ConsumerError> {
+    postcard::to_allocvec(batch)
+        .map_err(|e| ConsumerError::BadOutput(format!("encoding the batch: {e}")))
 }
 
 /// wasmtime's error type is not `std::error::Error`; keep its full chain as text.
@@ -336,6 +378,7 @@ fn classify(
 
 /// One consumer instance for one partition.
 pub struct Instance {
+    fuel: bool,
     store: Store<HostCtx>,
     memory: Memory,
     alloc: TypedFunc<u32, u32>,
@@ -345,11 +388,18 @@ pub struct Instance {
 
 impl Instance {
     /// Copies `input` into the guest, calls `f`, and copies the output back.
-    fn call(&mut self, f: TypedFunc<(u32, u32), u64>, input: &[u8], fuel: u64) -> Result<Vec<u8>, ConsumerError> {
+    fn call(
+        &mut self,
+        f: TypedFunc<(u32, u32), u64>,
+        input: &[u8],
+        fuel: u64,
+    ) -> Result<Vec<u8>, ConsumerError> {
         let limits = self.limits;
-        self.store
-            .set_fuel(fuel)
-            .map_err(|e| ConsumerError::Trap(e.to_string()))?;
+        if self.fuel {
+            self.store
+                .set_fuel(fuel)
+                .map_err(|e| ConsumerError::Trap(e.to_string()))?;
+        }
         self.store.set_epoch_deadline(ticks(limits.timeout));
         self.store.data_mut().log_lines = 0;
         let len = u32::try_from(input.len())
@@ -360,7 +410,9 @@ impl Instance {
             .map_err(|e| classify(e, &limits, fuel, ConsumerError::Trap))?;
         self.memory
             .write(&mut self.store, ptr as usize, input)
-            .map_err(|e| ConsumerError::BadOutput(format!("shoal_alloc returned a bad buffer: {e}")))?;
+            .map_err(|e| {
+                ConsumerError::BadOutput(format!("shoal_alloc returned a bad buffer: {e}"))
+            })?;
         let packed = f
             .call(&mut self.store, (ptr, len))
             .map_err(|e| classify(e, &limits, fuel, ConsumerError::Trap))?;
@@ -379,22 +431,37 @@ impl Instance {
     }
 
     /// Runs one batch.
-    pub fn consume(&mut self, batch: &Batch) -> Result<Output, ConsumerError> {
-        let input = postcard::to_allocvec(batch)
-            .map_err(|e| ConsumerError::BadOutput(format!("encoding the batch: {e}")))?;
-        let fuel = self.limits.fuel_base + self.limits.fuel_per_record * batch.records.len() as u64;
-        let out = self.call(self.consume.clone(), &input, fuel)?;
+    pub fn consume(&mut self, batch: &Batch<'_>) -> Result<Output, ConsumerError> {
+        let input = encode_batch(batch)?;
+        self.consume_encoded(&input, batch.records.len())
+    }
+
+    /// Runs one batch already encoded with [`encode_batch`].
+    pub fn consume_encoded(
+        &mut self,
+        input: &[u8],
+        records: usize,
+    ) -> Result<Output, ConsumerError> {
+        let fuel = self.limits.fuel_base + self.limits.fuel_per_record * records as u64;
+        let out = self.call(self.consume.clone(), input, fuel)?;
         let (output, rest) = postcard::take_from_bytes::<Output>(&out)
             .map_err(|e| ConsumerError::BadOutput(format!("undecodable output: {e}")))?;
         if !rest.is_empty() {
-            return Err(ConsumerError::BadOutput(format!("{} trailing output bytes", rest.len())));
+            return Err(ConsumerError::BadOutput(format!(
+                "{} trailing output bytes",
+                rest.len()
+            )));
         }
         Ok(output)
     }
 
-    /// Fuel the last call used.
+    /// Fuel left after the last call (0 when fuel is off).
     pub fn fuel_left(&self) -> u64 {
-        self.store.get_fuel().unwrap_or(0)
+        if self.fuel {
+            self.store.get_fuel().unwrap_or(0)
+        } else {
+            0
+        }
     }
 
     /// Records committed state changes in the instance's cache.

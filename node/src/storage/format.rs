@@ -321,7 +321,9 @@ mod tests {
                 webhook: None,
                 deployed_ms: 3,
             },
-            "01017a020174012302 7b7d02616201 0003".replace(' ', "").as_str(),
+            "01017a020174012302 7b7d02616201 0003"
+                .replace(' ', "")
+                .as_str(),
         );
         check(
             &Checkpoint {

@@ -35,7 +35,8 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_sessio
 const INBOUND: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("mqtt_inbound");
 const CONSUMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("consumers");
 const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("consumer_modules");
-const CHECKPOINTS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("consumer_checkpoints");
+const CHECKPOINTS: TableDefinition<(&str, u32), &[u8]> =
+    TableDefinition::new("consumer_checkpoints");
 const CONSUMER_STATE: TableDefinition<(&str, u32, &[u8]), &[u8]> =
     TableDefinition::new("consumer_state");
 /// Delivery cursors of side tasks (webhooks): name -> next offset.
@@ -640,11 +641,17 @@ impl Storage {
             Err(TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        Ok(table.get(sha256)?.map(|v| Bytes::copy_from_slice(v.value())))
+        Ok(table
+            .get(sha256)?
+            .map(|v| Bytes::copy_from_slice(v.value())))
     }
 
     /// A consumer's checkpoint in one partition (blocking).
-    pub fn checkpoint(&self, name: &str, partition: u32) -> Result<Option<Checkpoint>, StorageError> {
+    pub fn checkpoint(
+        &self,
+        name: &str,
+        partition: u32,
+    ) -> Result<Option<Checkpoint>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
         let table = match rtx.open_table(CHECKPOINTS) {
             Ok(t) => t,
@@ -670,7 +677,9 @@ impl Storage {
             Err(TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        Ok(table.get((name, partition, key))?.map(|v| v.value().to_vec()))
+        Ok(table
+            .get((name, partition, key))?
+            .map(|v| v.value().to_vec()))
     }
 
     /// A side task's delivery cursor (blocking).

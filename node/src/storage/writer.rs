@@ -307,7 +307,8 @@ impl WriterState {
                             modules.insert(sha256.as_str(), &bytes[..])?;
                         }
                         Op::PutConsumer(spec) => {
-                            consumers.insert(spec.name.as_str(), format::encode(spec).as_slice())?;
+                            consumers
+                                .insert(spec.name.as_str(), format::encode(spec).as_slice())?;
                         }
                         Op::DeleteConsumer { name } => {
                             let n = name.as_str();
@@ -332,7 +333,8 @@ impl WriterState {
                             for (k, v) in changes {
                                 match v {
                                     Some(v) => {
-                                        state.insert((name.as_str(), *partition, &k[..]), &v[..])?;
+                                        state
+                                            .insert((name.as_str(), *partition, &k[..]), &v[..])?;
                                     }
                                     None => {
                                         state.remove((name.as_str(), *partition, &k[..]))?;

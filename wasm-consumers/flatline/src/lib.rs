@@ -32,8 +32,10 @@ impl Consumer for Flatline {
         Ok(())
     }
 
-    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record) {
-        let Some(x) = r.value(&self.field) else { return };
+    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record<'_>) {
+        let Some(x) = r.value(&self.field) else {
+            return;
+        };
         let key = format!("f/{}", r.subject);
         let mut run: Run = ctx.get_as(&key).unwrap_or_default();
         if run.count > 0 && (x - run.value).abs() <= self.epsilon {
@@ -50,7 +52,7 @@ impl Consumer for Flatline {
         if !run.alerted && run.count >= self.min_count && lasted >= self.min_duration_ms {
             run.alerted = true;
             ctx.alert(
-                &r.subject,
+                r.subject,
                 Severity::Warning,
                 format!("stuck at {x} for {} readings ({lasted} ms)", run.count),
                 Some(x),
@@ -73,7 +75,11 @@ mod tests {
         let mut h = Harness::<Flatline>::new(r#"{"min_count": 5}"#).unwrap();
         let mut alerts = 0;
         for i in 0..20u64 {
-            let v = if (5..15).contains(&i) { "7".to_string() } else { i.to_string() };
+            let v = if (5..15).contains(&i) {
+                "7".to_string()
+            } else {
+                i.to_string()
+            };
             alerts += h.feed_values(&[("s", &v, i * 1000)]).len();
         }
         assert_eq!(alerts, 1);
@@ -86,8 +92,15 @@ mod tests {
 
     #[test]
     fn duration_and_epsilon() {
-        let mut h = Harness::<Flatline>::new(r#"{"min_count": 3, "min_duration_ms": 10000, "epsilon": 0.01}"#).unwrap();
-        let a = h.feed_values(&[("s", "1.000", 0), ("s", "1.005", 1000), ("s", "1.001", 2000)]);
+        let mut h = Harness::<Flatline>::new(
+            r#"{"min_count": 3, "min_duration_ms": 10000, "epsilon": 0.01}"#,
+        )
+        .unwrap();
+        let a = h.feed_values(&[
+            ("s", "1.000", 0),
+            ("s", "1.005", 1000),
+            ("s", "1.001", 2000),
+        ]);
         assert!(a.is_empty(), "too short");
         assert_eq!(h.feed_values(&[("s", "1.002", 11_000)]).len(), 1);
     }

@@ -19,14 +19,14 @@ impl Consumer for MissingData {
         Ok(())
     }
 
-    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record) {
+    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record<'_>) {
         let key = format!("m/{}", r.subject);
         let last: Option<u64> = ctx.get_as(&key);
         if let Some(last) = last {
             let gap = r.event_time_ms.saturating_sub(last);
             if gap > self.max_gap_ms {
                 ctx.alert(
-                    &r.subject,
+                    r.subject,
                     Severity::Warning,
                     format!("no data for {gap} ms (max {} ms)", self.max_gap_ms),
                     Some(gap as f64),
@@ -50,10 +50,19 @@ mod tests {
     #[test]
     fn gaps_are_reported_when_data_resumes() {
         let mut h = Harness::<MissingData>::new(r#"{"max_gap_ms": 1500}"#).unwrap();
-        let a = h.feed_values(&[("s", "1", 0), ("s", "1", 1000), ("s", "1", 5000), ("t", "1", 5000), ("s", "1", 6000)]);
+        let a = h.feed_values(&[
+            ("s", "1", 0),
+            ("s", "1", 1000),
+            ("s", "1", 5000),
+            ("t", "1", 5000),
+            ("s", "1", 6000),
+        ]);
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].value, Some(4000.0));
         // A late, older reading is not a gap and does not move the clock back.
-        assert!(h.feed_values(&[("s", "1", 3000), ("s", "1", 7000)]).is_empty());
+        assert!(
+            h.feed_values(&[("s", "1", 3000), ("s", "1", 7000)])
+                .is_empty()
+        );
     }
 }

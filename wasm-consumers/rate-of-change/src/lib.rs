@@ -31,8 +31,10 @@ impl Consumer for RateOfChange {
         Ok(())
     }
 
-    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record) {
-        let Some(x) = r.value(&self.field) else { return };
+    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record<'_>) {
+        let Some(x) = r.value(&self.field) else {
+            return;
+        };
         let key = format!("r/{}", r.subject);
         if let Some(last) = ctx.get_as::<Last>(&key)
             && r.event_time_ms >= last.time_ms
@@ -42,20 +44,31 @@ impl Consumer for RateOfChange {
             if let Some(max) = self.max_delta
                 && delta.abs() > max
             {
-                ctx.alert(&r.subject, Severity::Warning, format!("changed by {delta:.3} (max {max})"), Some(x));
+                ctx.alert(
+                    r.subject,
+                    Severity::Warning,
+                    format!("changed by {delta:.3} (max {max})"),
+                    Some(x),
+                );
             } else if let Some(max) = self.max_rate
                 && secs > 0.0
                 && (delta / secs).abs() > max
             {
                 ctx.alert(
-                    &r.subject,
+                    r.subject,
                     Severity::Warning,
                     format!("changing at {:.3}/s (max {max}/s)", delta / secs),
                     Some(x),
                 );
             }
         }
-        ctx.set_as(&key, &Last { value: x, time_ms: r.event_time_ms });
+        ctx.set_as(
+            &key,
+            &Last {
+                value: x,
+                time_ms: r.event_time_ms,
+            },
+        );
     }
 }
 
@@ -70,7 +83,11 @@ mod tests {
     #[test]
     fn rate_per_second_of_event_time() {
         let mut h = Harness::<RateOfChange>::new(r#"{"max_rate": 1}"#).unwrap();
-        assert!(h.feed_values(&[("s", "0", 0), ("s", "5", 10_000)]).is_empty(), "0.5/s");
+        assert!(
+            h.feed_values(&[("s", "0", 0), ("s", "5", 10_000)])
+                .is_empty(),
+            "0.5/s"
+        );
         assert_eq!(h.feed_values(&[("s", "10", 11_000)]).len(), 1, "5/s");
         // Out-of-order readings are not compared.
         assert!(h.feed_values(&[("s", "100", 5_000)]).is_empty());
@@ -79,7 +96,11 @@ mod tests {
     #[test]
     fn delta_between_readings() {
         let mut h = Harness::<RateOfChange>::new(r#"{"max_delta": 2}"#).unwrap();
-        assert_eq!(h.feed_values(&[("s", "0", 0), ("s", "1", 1), ("s", "4", 2)]).len(), 1);
+        assert_eq!(
+            h.feed_values(&[("s", "0", 0), ("s", "1", 1), ("s", "4", 2)])
+                .len(),
+            1
+        );
         assert!(Harness::<RateOfChange>::new("{}").is_err());
     }
 }

@@ -29,16 +29,28 @@ impl Consumer for Threshold {
         Ok(())
     }
 
-    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record) {
-        let Some(v) = r.value(&self.field) else { return };
+    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record<'_>) {
+        let Some(v) = r.value(&self.field) else {
+            return;
+        };
         if let Some(max) = self.max
             && v > max
         {
-            ctx.alert(&r.subject, Severity::Warning, format!("{v} above max {max}"), Some(v));
+            ctx.alert(
+                r.subject,
+                Severity::Warning,
+                format!("{v} above max {max}"),
+                Some(v),
+            );
         } else if let Some(min) = self.min
             && v < min
         {
-            ctx.alert(&r.subject, Severity::Warning, format!("{v} below min {min}"), Some(v));
+            ctx.alert(
+                r.subject,
+                Severity::Warning,
+                format!("{v} below min {min}"),
+                Some(v),
+            );
         }
     }
 }
@@ -65,14 +77,22 @@ mod tests {
         let got: Vec<(String, Option<f64>)> = a.iter().map(|a| (a.key.clone(), a.value)).collect();
         assert_eq!(
             got,
-            vec![("s/1".into(), Some(11.0)), ("s/1".into(), Some(12.0)), ("s/2".into(), Some(-1.0))]
+            vec![
+                ("s/1".into(), Some(11.0)),
+                ("s/1".into(), Some(12.0)),
+                ("s/2".into(), Some(-1.0))
+            ]
         );
     }
 
     #[test]
     fn field_and_one_sided_bands() {
         let mut h = Harness::<Threshold>::new(r#"{"max": 1, "field": "temp"}"#).unwrap();
-        assert_eq!(h.feed_values(&[("x", r#"{"temp": 2}"#, 1), ("x", "-100", 2)]).len(), 1);
+        assert_eq!(
+            h.feed_values(&[("x", r#"{"temp": 2}"#, 1), ("x", "-100", 2)])
+                .len(),
+            1
+        );
         assert!(Harness::<Threshold>::new("{}").is_err());
         assert!(Harness::<Threshold>::new(r#"{"min": 5, "max": 1}"#).is_err());
     }

@@ -36,8 +36,10 @@ impl Consumer for Transform {
         Ok(())
     }
 
-    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record) {
-        let Some(x) = r.value(&self.field) else { return };
+    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record<'_>) {
+        let Some(x) = r.value(&self.field) else {
+            return;
+        };
         let key = format!("w/{}", r.subject);
         let start = r.event_time_ms - r.event_time_ms % self.window_ms;
         let mut w: Window = ctx.get_as(&key).unwrap_or_default();
@@ -49,7 +51,12 @@ impl Consumer for Transform {
                 "count": w.count,
                 "window_start": w.start,
             });
-            ctx.emit(&self.topic, &r.key, &r.subject, payload.to_string().into_bytes());
+            ctx.emit(
+                &self.topic,
+                &r.key,
+                &r.subject,
+                payload.to_string().into_bytes(),
+            );
             w = Window::default();
         }
         if w.count > 0 && start < w.start {
@@ -57,7 +64,13 @@ impl Consumer for Transform {
             return;
         }
         if w.count == 0 {
-            w = Window { start, sum: 0.0, min: x, max: x, count: 0 };
+            w = Window {
+                start,
+                sum: 0.0,
+                min: x,
+                max: x,
+                count: 0,
+            };
         }
         w.sum += x;
         w.min = w.min.min(x);
@@ -78,7 +91,12 @@ mod tests {
     #[test]
     fn emits_one_average_per_closed_window() {
         let mut h = Harness::<Transform>::new(r#"{"topic": "avg", "window_ms": 1000}"#).unwrap();
-        h.feed_values(&[("s", "1", 0), ("s", "3", 500), ("s", "10", 1200), ("s", "20", 2100)]);
+        h.feed_values(&[
+            ("s", "1", 0),
+            ("s", "3", 500),
+            ("s", "10", 1200),
+            ("s", "20", 2100),
+        ]);
         assert_eq!(h.emits.len(), 2);
         let first: serde_json::Value = serde_json::from_slice(&h.emits[0].payload).unwrap();
         assert_eq!(first["avg"], 2.0);

@@ -56,8 +56,10 @@ impl Consumer for ZScore {
         Ok(())
     }
 
-    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record) {
-        let Some(x) = r.value(&self.field) else { return };
+    fn on_record(&mut self, ctx: &mut Context<'_>, r: &Record<'_>) {
+        let Some(x) = r.value(&self.field) else {
+            return;
+        };
         let key = format!("z/{}", r.subject);
         let mut s: Stats = ctx.get_as(&key).unwrap_or_default();
         let sd = s.var.sqrt().max(1e-9 * s.mean.abs().max(1.0));
@@ -65,7 +67,7 @@ impl Consumer for ZScore {
         if s.count >= self.warmup && z.abs() > self.threshold {
             s.streak += 1;
             ctx.alert(
-                &r.subject,
+                r.subject,
                 Severity::Warning,
                 format!("z-score {z:.1}: {x} vs mean {:.3} (sd {:.3})", s.mean, sd),
                 Some(x),
@@ -98,12 +100,18 @@ mod tests {
         let mut h = Harness::<ZScore>::new(r#"{"threshold": 5}"#).unwrap();
         for i in 0..200 {
             let v = noisy(i).to_string();
-            assert!(h.feed_values(&[("t", &v, i)]).is_empty(), "false alarm at {i}");
+            assert!(
+                h.feed_values(&[("t", &v, i)]).is_empty(),
+                "false alarm at {i}"
+            );
         }
         let a = h.feed_values(&[("t", "35", 200)]);
         assert_eq!(a.len(), 1);
         // The spike did not move the model: the next normal reading is fine.
-        assert!(h.feed_values(&[("t", &noisy(201).to_string(), 201)]).is_empty());
+        assert!(
+            h.feed_values(&[("t", &noisy(201).to_string(), 201)])
+                .is_empty()
+        );
     }
 
     #[test]
