@@ -30,7 +30,7 @@ fn records(seed: u64) -> Vec<OwnedRecord> {
                 key: format!("sensor/{}", n % 100).into_bytes(),
                 subject: format!("sensor/{}", n % 100),
                 // Mostly normal readings, one in 500 out of band.
-                payload: if n % 500 == 0 {
+                payload: if n.is_multiple_of(500) {
                     b"99.5".to_vec()
                 } else {
                     format!("{}", 20 + n % 7).into_bytes()

@@ -477,7 +477,9 @@ pub async fn deploy(
 ) -> (u16, Value) {
     use base64::Engine;
     let mut body = body;
-    body["module_base64"] = base64::engine::general_purpose::STANDARD.encode(module).into();
+    body["module_base64"] = base64::engine::general_purpose::STANDARD
+        .encode(module)
+        .into();
     let mut req = reqwest::Client::new()
         .put(format!("{base}/v1/consumers/{name}"))
         .json(&body);

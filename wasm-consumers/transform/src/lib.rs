@@ -53,8 +53,8 @@ impl Consumer for Transform {
             });
             ctx.emit(
                 &self.topic,
-                &r.key,
-                &r.subject,
+                r.key,
+                r.subject,
                 payload.to_string().into_bytes(),
             );
             w = Window::default();
