@@ -109,12 +109,13 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
     let started = Instant::now();
-    let mut sent = 0;
+    let (mut sent, mut expected) = (0, 0);
     for p in pubs {
-        sent += p.await?;
+        let n = p.await?;
+        sent += n;
+        expected += n / 100;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let expected = sent / 100;
     let mut lat = Vec::new();
     let drain_until = tokio::time::Instant::now() + Duration::from_secs(5);
     while (lat.len() as u64) < expected {
