@@ -27,6 +27,11 @@
 //! export_consumer!(TooHot);
 //! ```
 
+/// The README's examples compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod abi;
 mod context;
 #[doc(hidden)]
