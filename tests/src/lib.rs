@@ -491,9 +491,19 @@ pub async fn deploy(
     (code, resp.json().await.expect("JSON"))
 }
 
-/// Alerts from `GET /v1/alerts` (all of them, from offset 0).
+/// Alerts from `GET /v1/alerts` (all of them, from offset 0, page by page).
 pub async fn alerts(base: &str, consumer: Option<&str>) -> Vec<Value> {
     let q = consumer.map_or(String::new(), |c| format!("&consumer={c}"));
-    let v = http_get(base, &format!("/v1/alerts?from=0&limit=10000{q}")).await;
-    v["alerts"].as_array().cloned().unwrap_or_default()
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let v = http_get(base, &format!("/v1/alerts?from={from}&limit=10000{q}")).await;
+        let page = v["alerts"].as_array().cloned().unwrap_or_default();
+        let next = v["next"].as_u64().unwrap_or(from);
+        if page.is_empty() || next == from {
+            return out;
+        }
+        out.extend(page);
+        from = next;
+    }
 }
