@@ -246,7 +246,7 @@ async fn consumer_resumes_after_sigkill_without_skips_or_duplicate_alerts() {
     .await;
     assert_eq!(code, 201, "{v}");
     // Load history in bulk so the consumer has a backlog to chew through when killed.
-    let total = 20_000usize;
+    let total = 200_000usize;
     let body: String = (0..total)
         .map(|i| format!("{{\"subject\":\"k/{}\",\"payload\":{i}}}\n", i % 50))
         .collect();
@@ -258,12 +258,19 @@ async fn consumer_resumes_after_sigkill_without_skips_or_duplicate_alerts() {
         .unwrap();
     assert!(r.status().is_success());
     let before = eventually("the consumer is part-way through", || async {
-        let n = shoal_tests::alerts(&node.url(), Some("all")).await.len();
+        let s = shoal_tests::http_get(&node.url(), "/v1/consumers/all").await;
+        let n: u64 = s["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["records_in"].as_u64().unwrap())
+            .sum();
         (n > 0).then_some(n)
     })
     .await;
     node.kill9().await;
-    eprintln!("killed with {before} of {total} alerts written");
+    eprintln!("killed after {before} of {total} records were processed");
+    assert!((before as usize) < total, "the kill must land mid-stream");
     let node = Process::spawn(dir.path(), &[]).await.expect("restart");
     let alerts = eventually("all records processed after the restart", || async {
         let a = shoal_tests::alerts(&node.url(), Some("all")).await;
