@@ -298,3 +298,44 @@ async fn retention_trims_old_records_in_the_background() {
     assert_eq!(page["records"][0]["offset"], p["log_start"]);
     n.stop().await;
 }
+
+#[tokio::test]
+async fn idempotent_ingest_skips_sequences_already_stored() {
+    let mut n = TestNode::start().await;
+    let lines = |range: std::ops::Range<u64>| -> String {
+        range
+            .map(|i| format!("{{\"subject\":\"s/{}\",\"payload\":{i},\"producer\":\"backfill-1\",\"sequence\":{i}}}\n", i % 3))
+            .collect()
+    };
+    let url = |n: &TestNode| format!("{}/v1/topics/telemetry/records", n.url());
+    let (s, v) = post(&url(&n), lines(0..10)).await;
+    assert_eq!(
+        (s, v["accepted"].as_u64(), v["duplicates"].as_u64()),
+        (200, Some(10), Some(0)),
+        "{v}"
+    );
+    // A re-run that got further: only the new sequences are stored.
+    let (_, v) = post(&url(&n), lines(0..15)).await;
+    assert_eq!(
+        (v["accepted"].as_u64(), v["duplicates"].as_u64()),
+        (Some(5), Some(10)),
+        "{v}"
+    );
+    // The producer's ranges survive a restart.
+    n.restart().await;
+    let (_, v) = post(&url(&n), lines(5..20)).await;
+    assert_eq!(
+        (v["accepted"].as_u64(), v["duplicates"].as_u64()),
+        (Some(5), Some(10)),
+        "{v}"
+    );
+    // Another producer's sequences are its own.
+    let (_, v) = post(
+        &url(&n),
+        "{\"payload\":1,\"producer\":\"other\",\"sequence\":0}",
+    )
+    .await;
+    assert_eq!(v["accepted"], 1);
+    assert_eq!(n.all_records("telemetry").await.len(), 21);
+    n.stop().await;
+}

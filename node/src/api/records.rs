@@ -285,10 +285,36 @@ struct IngestLine {
     headers: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     partition: Option<u32>,
+    /// Idempotent ingest: a producer id and a sequence number unique within it; a line
+    /// whose (producer, sequence) was already stored in this topic is skipped.
+    #[serde(default)]
+    producer: Option<String>,
+    #[serde(default)]
+    sequence: Option<u64>,
 }
 
-fn parse_line(n: usize, line: &str, partitions: u32) -> Result<(PartitionId, NewRecord), String> {
+/// A parsed ingest line.
+#[derive(Debug)]
+struct Parsed {
+    partition: PartitionId,
+    record: NewRecord,
+    dedup: Option<(String, u64)>,
+}
+
+fn parse_line(n: usize, line: &str, partitions: u32) -> Result<Parsed, String> {
     let l: IngestLine = serde_json::from_str(line).map_err(|e| format!("line {n}: {e}"))?;
+    let dedup = match (l.producer, l.sequence) {
+        (Some(p), Some(s)) if !p.is_empty() && p.len() <= 128 => Some((p, s)),
+        (Some(_), Some(_)) => {
+            return Err(format!("line {n}: producer must be 1 to 128 characters"));
+        }
+        (None, None) => None,
+        _ => {
+            return Err(format!(
+                "line {n}: give both producer and sequence, or neither"
+            ));
+        }
+    };
     let payload = match (l.payload, l.payload_base64) {
         (Some(_), Some(_)) => {
             return Err(format!(
@@ -339,16 +365,17 @@ fn parse_line(n: usize, line: &str, partitions: u32) -> Result<(PartitionId, New
         .into_iter()
         .map(|(k, v)| (k, Bytes::from(v)))
         .collect();
-    Ok((
+    Ok(Parsed {
         partition,
-        NewRecord {
+        record: NewRecord {
             key,
             subject,
             payload,
             headers,
             event_time_ms,
         },
-    ))
+        dedup,
+    })
 }
 
 /// `POST /v1/topics/{topic}/records` with one JSON object per line. All lines are checked
@@ -367,16 +394,36 @@ pub async fn ingest(
         .map_err(|e| ApiError::bad_request(format!("body is not UTF-8: {e}")))?;
     let name: std::sync::Arc<str> = std::sync::Arc::from(topic.as_str());
     let mut ops = Vec::new();
+    let mut producers: Vec<std::sync::Arc<str>> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let (partition, record) =
-            parse_line(i + 1, line, cfg.partitions).map_err(ApiError::bad_request)?;
-        ops.push(Op::Append {
-            topic: name.clone(),
-            partition,
-            record,
+        let p = parse_line(i + 1, line, cfg.partitions).map_err(ApiError::bad_request)?;
+        ops.push(match p.dedup {
+            None => Op::Append {
+                topic: name.clone(),
+                partition: p.partition,
+                record: p.record,
+            },
+            Some((producer, sequence)) => {
+                // One shared string per producer in a body.
+                let producer = match producers.iter().find(|x| ***x == *producer) {
+                    Some(x) => x.clone(),
+                    None => {
+                        let x: std::sync::Arc<str> = std::sync::Arc::from(producer.as_str());
+                        producers.push(x.clone());
+                        x
+                    }
+                };
+                Op::AppendOnce {
+                    topic: name.clone(),
+                    partition: p.partition,
+                    record: p.record,
+                    producer,
+                    sequence,
+                }
+            }
         });
     }
     if ops.is_empty() {
@@ -384,8 +431,12 @@ pub async fn ingest(
             "body has no records; send one JSON object per line, e.g. {\"subject\": \"s/1\", \"payload\": 21.5}",
         ));
     }
-    let n = ops.len();
     let outcomes = s.storage.write(ops).await?;
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| matches!(o, OpOutcome::Duplicate))
+        .count();
+    let n = outcomes.len() - duplicates;
     METRICS.http_ingested_records.inc_by(n as u64);
     let ids: Vec<Value> = outcomes
         .iter()
@@ -400,7 +451,10 @@ pub async fn ingest(
             _ => None,
         })
         .collect();
-    Ok(axum::Json(json!({ "accepted": n, "records": ids })).into_response())
+    Ok(
+        axum::Json(json!({ "accepted": n, "duplicates": duplicates, "records": ids }))
+            .into_response(),
+    )
 }
 
 #[cfg(test)]
@@ -409,18 +463,20 @@ mod tests {
 
     #[test]
     fn ingest_lines() {
-        let (p, r) =
+        let parsed =
             parse_line(1, r#"{"subject":"s/1","payload":21.5,"event_time":5}"#, 8).unwrap();
+        let (p, r) = (parsed.partition, parsed.record);
         assert_eq!(r.payload, Bytes::from("21.5"));
         assert_eq!(r.key, Bytes::from("s/1"));
         assert_eq!(r.event_time_ms, Some(5));
         assert_eq!(p, partition_for(b"s/1", 8));
-        let (_, r) = parse_line(
+        let r = parse_line(
             1,
             r#"{"payload":"x","event_time":"1970-01-01T00:00:01Z"}"#,
             8,
         )
-        .unwrap();
+        .unwrap()
+        .record;
         assert_eq!(r.event_time_ms, Some(1000));
         for (bad, needle) in [
             ("{", "line 1"),
@@ -429,6 +485,11 @@ mod tests {
             (r#"{"payload":1,"event_time":-1}"#, "event_time"),
             (r#"{"payload":1,"oops":1}"#, "unknown field"),
             (r#"{"payload_base64":"%%"}"#, "payload_base64"),
+            (
+                r#"{"payload":1,"producer":"p"}"#,
+                "both producer and sequence",
+            ),
+            (r#"{"payload":1,"producer":"","sequence":1}"#, "1 to 128"),
         ] {
             let e = parse_line(1, bad, 8).unwrap_err();
             assert!(e.contains(needle), "{bad}: {e}");

@@ -39,6 +39,8 @@ const CHECKPOINTS: TableDefinition<(&str, u32), &[u8]> =
     TableDefinition::new("consumer_checkpoints");
 const CONSUMER_STATE: TableDefinition<(&str, u32, &[u8]), &[u8]> =
     TableDefinition::new("consumer_state");
+/// Idempotent producers: (topic, producer) -> committed sequence ranges.
+const PRODUCERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("producers");
 /// Delivery cursors of side tasks (webhooks): name -> next offset.
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 
@@ -92,6 +94,15 @@ pub enum Op {
         topic: Arc<str>,
         partition: PartitionId,
         record: NewRecord,
+    },
+    /// Append unless `(topic, producer, sequence)` was appended before: idempotent ingest
+    /// for re-runs of a load (the outcome is then [`OpOutcome::Duplicate`]).
+    AppendOnce {
+        topic: Arc<str>,
+        partition: PartitionId,
+        record: NewRecord,
+        producer: Arc<str>,
+        sequence: u64,
     },
     CreateTopic(TopicConfig),
     /// Store (`Some`) or delete (`None`) the retained message of an MQTT topic.
@@ -154,6 +165,8 @@ pub enum OpOutcome {
     Done,
     /// Retention deleted this many records in total.
     Trimmed(u64),
+    /// An `AppendOnce` whose sequence was already committed: nothing written.
+    Duplicate,
 }
 
 /// A record as committed, handed to live subscribers right after its commit.
@@ -360,6 +373,7 @@ impl Storage {
             commits: commits_tx,
             max_batch_ops: config.max_batch_ops.max(1),
             failed: None,
+            producers: HashMap::new(),
         };
         let handle = std::thread::Builder::new()
             .name("shoal-storage-writer".into())
@@ -682,6 +696,16 @@ impl Storage {
             .map(|v| v.value().to_vec()))
     }
 
+    /// Committed sequence ranges of an idempotent producer on a topic (blocking).
+    pub fn producer_ranges(
+        &self,
+        topic: &str,
+        producer: &str,
+    ) -> Result<Vec<(u64, u64)>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        read_producer(&rtx, topic, producer)
+    }
+
     /// A side task's delivery cursor (blocking).
     pub fn cursor(&self, name: &str) -> Result<Option<u64>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
@@ -833,6 +857,22 @@ fn load_state(db: &Database) -> Result<LoadedState, StorageError> {
         topics.insert(k.value().to_string(), cfg);
     }
     Ok((topics, parts))
+}
+
+fn read_producer(
+    rtx: &redb::ReadTransaction,
+    topic: &str,
+    producer: &str,
+) -> Result<Vec<(u64, u64)>, StorageError> {
+    let table = match rtx.open_table(PRODUCERS) {
+        Ok(t) => t,
+        Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    match table.get((topic, producer))? {
+        Some(v) => decode_in("producers", v.value()),
+        None => Ok(Vec::new()),
+    }
 }
 
 fn read_partition_meta(

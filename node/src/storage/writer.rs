@@ -11,13 +11,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::format::{self, PartitionMeta, Record, TopicConfig};
 use super::{
     CHECKPOINTS, CONSUMER_STATE, CONSUMERS, CURSORS, Committed, CommittedBatch, INBOUND, MODULES,
-    Op, OpOutcome, PARTITIONS, RETAINED, SESSIONS, StorageError, TOPICS, log_table_name,
+    Op, OpOutcome, PARTITIONS, PRODUCERS, RETAINED, SESSIONS, StorageError, TOPICS, log_table_name,
 };
 use crate::metrics::METRICS;
 use crate::types::{Offset, Origin, PartitionId, RecordId, Seq};
@@ -36,6 +36,8 @@ pub(super) struct WriterState {
     pub commits: watch::Sender<u64>,
     pub max_batch_ops: usize,
     pub failed: Option<String>,
+    /// Committed sequence ranges of idempotent producers, loaded on first use.
+    pub producers: HashMap<(Arc<str>, Arc<str>), Vec<(u64, u64)>>,
 }
 
 /// Most records retention deletes from one partition in one pass, so a huge backlog is
@@ -160,6 +162,7 @@ impl WriterState {
         let mut appended = 0u64;
         // Undo information for the in-memory partition state if the commit fails.
         let mut before: HashMap<(Arc<str>, u32), PartitionMeta> = HashMap::new();
+        let mut producer_before: HashMap<(Arc<str>, Arc<str>), Vec<(u64, u64)>> = HashMap::new();
 
         for req in batch {
             if let Err(e) = self.validate(&req.ops, &new_topics) {
@@ -168,6 +171,48 @@ impl WriterState {
             }
             let mut outcomes = Vec::with_capacity(req.ops.len());
             for op in req.ops {
+                let op = match op {
+                    Op::AppendOnce {
+                        topic,
+                        partition,
+                        record,
+                        producer,
+                        sequence,
+                    } => {
+                        let key = (topic.clone(), producer);
+                        if !self.producers.contains_key(&key) {
+                            let loaded = self
+                                .db
+                                .begin_read()
+                                .map_err(StorageError::from)
+                                .and_then(|r| super::read_producer(&r, &key.0, &key.1));
+                            match loaded {
+                                Ok(v) => {
+                                    self.producers.insert(key.clone(), v);
+                                }
+                                Err(e) => {
+                                    outcomes.push(OpOutcome::Duplicate);
+                                    tracing::error!(error = %e, "cannot load producer ranges");
+                                    continue;
+                                }
+                            }
+                        }
+                        let ranges = self.producers.entry(key.clone()).or_default();
+                        if !producer_before.contains_key(&key) {
+                            producer_before.insert(key.clone(), ranges.clone());
+                        }
+                        if !insert_seq(ranges, sequence) {
+                            outcomes.push(OpOutcome::Duplicate);
+                            continue;
+                        }
+                        Op::Append {
+                            topic,
+                            partition,
+                            record,
+                        }
+                    }
+                    other => other,
+                };
                 match op {
                     Op::Append {
                         topic,
@@ -242,6 +287,14 @@ impl WriterState {
                 let mut table = wtx.open_table(def)?;
                 for (offset, value, _) in rows {
                     table.insert(*offset, value.as_slice())?;
+                }
+            }
+            if !producer_before.is_empty() {
+                let mut t = wtx.open_table(PRODUCERS)?;
+                for key in producer_before.keys() {
+                    if let Some(ranges) = self.producers.get(key) {
+                        t.insert((&*key.0, &*key.1), format::encode(ranges).as_slice())?;
+                    }
                 }
             }
             {
@@ -393,6 +446,9 @@ impl WriterState {
                 for (key, meta) in before {
                     self.parts.insert(key, meta);
                 }
+                for (key, ranges) in producer_before {
+                    self.producers.insert(key, ranges);
+                }
                 Err((replies.into_iter().map(|(r, _)| r).collect(), e))
             }
         }
@@ -407,6 +463,9 @@ impl WriterState {
         for op in ops {
             match op {
                 Op::Append {
+                    topic, partition, ..
+                }
+                | Op::AppendOnce {
                     topic, partition, ..
                 } => {
                     let partitions = topics
@@ -514,6 +573,61 @@ impl WriterState {
             }
         }
         Ok(total)
+    }
+}
+
+/// Adds `seq` to a sorted list of disjoint inclusive ranges; false if it was there.
+fn insert_seq(ranges: &mut Vec<(u64, u64)>, seq: u64) -> bool {
+    // First range whose end is >= seq - 1 (could absorb seq).
+    let i = ranges.partition_point(|&(_, end)| end.saturating_add(1) < seq);
+    if let Some(&(start, end)) = ranges.get(i)
+        && start <= seq
+        && seq <= end
+    {
+        return false;
+    }
+    let joins_left = ranges
+        .get(i)
+        .is_some_and(|&(_, end)| end.saturating_add(1) == seq);
+    let (left, right) = if joins_left {
+        (i, i + 1)
+    } else {
+        (usize::MAX, i)
+    };
+    let joins_right = ranges
+        .get(right)
+        .is_some_and(|&(start, _)| seq.saturating_add(1) == start);
+    match (joins_left, joins_right) {
+        (true, true) => {
+            ranges[left].1 = ranges[right].1;
+            ranges.remove(right);
+        }
+        (true, false) => ranges[left].1 = seq,
+        (false, true) => ranges[right].0 = seq,
+        (false, false) => ranges.insert(right, (seq, seq)),
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::insert_seq;
+
+    #[test]
+    fn sequence_ranges_merge_and_detect_duplicates() {
+        let mut r = Vec::new();
+        for s in [5, 7, 6, 1, 3, 2, 10] {
+            assert!(insert_seq(&mut r, s), "{s}");
+        }
+        assert_eq!(r, vec![(1, 3), (5, 7), (10, 10)]);
+        for s in [1, 2, 3, 5, 6, 7, 10] {
+            assert!(!insert_seq(&mut r, s), "{s} is a duplicate");
+        }
+        assert!(insert_seq(&mut r, 4));
+        assert_eq!(r, vec![(1, 7), (10, 10)]);
+        assert!(insert_seq(&mut r, 0));
+        assert!(insert_seq(&mut r, u64::MAX));
+        assert_eq!(r, vec![(0, 7), (10, 10), (u64::MAX, u64::MAX)]);
     }
 }
 
