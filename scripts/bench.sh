@@ -165,9 +165,11 @@ PY
   python3 -c '
 import json, sys
 r = json.loads(sys.stdin.readlines()[-1]); s = r["sim"]; l = s["latency_ms"] or {}
-print("  %-9s %-5s n=%-3d run %d: %8.0f msgs/s  p50 %s ms  p99 %s ms  rss %.1f MiB  cpu %.2f s" % (
+i = s["latency_from_intended_ms"]
+print("  %-9s %-5s n=%-3d run %d: %8.0f msgs/s  p50 %s ms  p99 %s ms%s  rss %.1f MiB  cpu %.2f s" % (
   r["server"], r["phase"], s["connections"], r["run"], s["msgs_per_s"], l.get("p50"),
-  l.get("p99"), r["rss_max_kb"] / 1024, r["cpu_s"]))' <"$RESULTS"
+  l.get("p99"), " (intended p99 %s ms)" % i["p99"] if i else "", r["rss_max_kb"] / 1024,
+  r["cpu_s"]))' <"$RESULTS"
 }
 
 note() { # note KEY VALUE: a scalar measurement for the table
