@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesOrdered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish,
     SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
@@ -42,7 +42,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Records read per catch-up read.
 const CATCH_UP_BATCH: usize = 512;
 
-type AckFuture = Pin<Box<dyn Future<Output = Result<Option<Packet>, StorageError>> + Send>>;
+/// Resolves to the acks to send, in order, once their writes are durable.
+type AckFuture = Pin<Box<dyn Future<Output = Result<Vec<Packet>, StorageError>> + Send>>;
+
+/// Most packets taken from one read before their writes are queued together.
+const READ_BATCH: usize = 256;
 
 /// Why the main loop ended.
 enum End {
@@ -66,6 +70,13 @@ struct Conn {
     /// Inbound QoS 1/2 packet ids already stored (persistent sessions and QoS 2).
     inbound: HashMap<u16, InboundEntry>,
     pending_acks: FuturesOrdered<AckFuture>,
+    /// Acks waiting in `pending_acks` (bounded by `max_pending_acks`).
+    unacked: usize,
+    /// Storage operations of the publishes read so far in this read batch, queued as one
+    /// write request (one writer request, one wake-up for all their acks).
+    batch_ops: Vec<Op>,
+    batch_acks: Vec<Packet>,
+    batch_started: Option<Instant>,
     catch_up: Option<(
         PartKey,
         tokio::task::JoinHandle<Result<ReadBatch, StorageError>>,
@@ -149,6 +160,10 @@ pub async fn run(
         outbox: Outbox::new(broker.settings.max_inflight as usize),
         inbound: HashMap::new(),
         pending_acks: FuturesOrdered::new(),
+        unacked: 0,
+        batch_ops: Vec::new(),
+        batch_acks: Vec::new(),
+        batch_started: None,
         catch_up: None,
     };
     let session_present = match conn.load_session().await {
@@ -222,16 +237,17 @@ fn publish_hash(p: &Publish) -> u64 {
 }
 
 fn ready(p: Packet) -> AckFuture {
-    Box::pin(async move { Ok(Some(p)) })
+    Box::pin(async move { Ok(vec![p]) })
 }
 
-fn after(write: PendingWrite, p: Packet, started: Instant) -> AckFuture {
+fn after(write: PendingWrite, acks: Vec<Packet>, started: Instant) -> AckFuture {
     Box::pin(async move {
         write.await?;
-        METRICS
-            .mqtt_ack_seconds
-            .observe(started.elapsed().as_secs_f64());
-        Ok(Some(p))
+        let secs = started.elapsed().as_secs_f64();
+        for _ in 0..acks.len() {
+            METRICS.mqtt_ack_seconds.observe(secs);
+        }
+        Ok(acks)
     })
 }
 
@@ -326,30 +342,51 @@ impl Conn {
                 _ = &mut idle => {
                     return End::Unclean(format!("keepalive expired ({keep_alive}s x 1.5)"));
                 }
-                pkt = self.framed.next(), if self.pending_acks.len() < max_pending => {
+                pkt = self.framed.next(), if self.unacked < max_pending => {
                     idle.as_mut().reset(tokio::time::Instant::now() + ka.unwrap_or(far));
-                    match pkt {
-                        None => return End::Unclean("connection closed by client".into()),
-                        Some(Err(e)) => {
-                            protocol_error(self.peer, &e.to_string());
-                            return End::Unclean(e.to_string());
-                        }
-                        Some(Ok(Packet::Disconnect)) => return End::Clean,
-                        Some(Ok(p)) => {
-                            if let Err(e) = self.on_packet(p).await {
-                                protocol_error(self.peer, &e);
-                                return End::Unclean(e);
+                    // Take every packet already buffered (up to READ_BATCH) so their writes
+                    // share one request.
+                    let mut next = Some(pkt);
+                    let mut taken = 0;
+                    let mut end = None;
+                    while let Some(pkt) = next.take() {
+                        match pkt {
+                            None => end = Some(End::Unclean("connection closed by client".into())),
+                            Some(Err(e)) => {
+                                protocol_error(self.peer, &e.to_string());
+                                end = Some(End::Unclean(e.to_string()));
+                            }
+                            Some(Ok(Packet::Disconnect)) => end = Some(End::Clean),
+                            Some(Ok(p)) => {
+                                if let Err(e) = self.on_packet(p).await {
+                                    protocol_error(self.peer, &e);
+                                    end = Some(End::Unclean(e));
+                                }
                             }
                         }
+                        taken += 1;
+                        if end.is_some() || taken >= READ_BATCH || self.unacked + self.batch_acks.len() >= max_pending {
+                            break;
+                        }
+                        next = self.framed.next().now_or_never();
+                    }
+                    // Publishes read before an error or DISCONNECT are still stored.
+                    if let Err(e) = self.flush().await {
+                        return End::Unclean(e);
+                    }
+                    if let Some(end) = end {
+                        return end;
                     }
                 }
                 Some(done) = self.pending_acks.next() => match done {
-                    Ok(Some(p)) => {
-                        if let Err(e) = self.framed.feed(p).await {
-                            return End::Unclean(e.to_string());
+                    Ok(acks) => {
+                        self.unacked -= acks.len();
+                        for p in acks {
+                            if let Err(e) = self.framed.feed(p).await {
+                                return End::Unclean(e.to_string());
+                            }
                         }
                     }
-                    Ok(None) => {}
                     Err(e) => {
                         // Never ack what is not durable: drop the connection; the client
                         // resends unacknowledged publishes when it reconnects.
@@ -449,7 +486,40 @@ impl Conn {
             .catch_up_read(key, batch.log_start.0, records, at_end);
     }
 
+    /// Queues the read batch's operations as one write request; its acks follow once it is
+    /// durable.
+    async fn flush(&mut self) -> Result<(), String> {
+        if self.batch_ops.is_empty() {
+            return Ok(());
+        }
+        let ops = std::mem::take(&mut self.batch_ops);
+        let acks = std::mem::take(&mut self.batch_acks);
+        let started = self.batch_started.take().unwrap_or_else(Instant::now);
+        // Waits while the writer's queue is full: this is where backpressure reaches the
+        // client (its acks slow down, then its socket stops being read).
+        let write = self
+            .broker
+            .storage
+            .enqueue(ops)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !acks.is_empty() {
+            let n = acks.len();
+            self.push_acks(after(write, acks, started), n);
+        }
+        Ok(())
+    }
+
+    fn push_acks(&mut self, f: AckFuture, n: usize) {
+        self.unacked += n;
+        self.pending_acks.push_back(f);
+    }
+
     async fn on_packet(&mut self, p: Packet) -> Result<(), String> {
+        if !matches!(p, Packet::Publish(_)) {
+            // Keep acks in packet order: what was read before goes first.
+            self.flush().await?;
+        }
         match p {
             Packet::Publish(p) => self.on_publish(p).await,
             Packet::PubAck(a) => {
@@ -479,9 +549,9 @@ impl Conn {
                         }])
                         .await
                         .map_err(|e| e.to_string())?;
-                    self.pending_acks.push_back(after(w, comp, Instant::now()));
+                    self.push_acks(after(w, vec![comp], Instant::now()), 1);
                 } else {
-                    self.pending_acks.push_back(ready(comp));
+                    self.push_acks(ready(comp), 1);
                 }
                 Ok(())
             }
@@ -502,7 +572,6 @@ impl Conn {
         if !valid_topic_name(&p.topic) {
             return Err(format!("invalid PUBLISH topic {:?}", p.topic));
         }
-        let started = Instant::now();
         let pkid = p.pkid;
         let hash = publish_hash(&p);
         match p.qos {
@@ -510,9 +579,9 @@ impl Conn {
                 if let Some(e) = self.inbound.get(&pkid)
                     && e.awaiting_release
                 {
-                    // Retransmission before PUBREL: already stored.
-                    self.pending_acks
-                        .push_back(ready(Packet::PubRec(PubRec::new(pkid))));
+                    // Retransmission before PUBREL: already stored (or queued ahead).
+                    self.flush().await?;
+                    self.push_acks(ready(Packet::PubRec(PubRec::new(pkid))), 1);
                     return Ok(());
                 }
             }
@@ -522,8 +591,8 @@ impl Conn {
                     && e.hash == hash
                 {
                     // Resent after a reconnect, but stored the first time.
-                    self.pending_acks
-                        .push_back(ready(Packet::PubAck(PubAck::new(pkid))));
+                    self.flush().await?;
+                    self.push_acks(ready(Packet::PubAck(PubAck::new(pkid))), 1);
                     return Ok(());
                 }
             }
@@ -546,26 +615,12 @@ impl Conn {
                 });
             }
         }
-        // Waits while the writer's queue is full: this is where backpressure reaches the
-        // client (its acks slow down, then its socket stops being read).
-        let write = self
-            .broker
-            .storage
-            .enqueue(ops)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.batch_started.get_or_insert_with(Instant::now);
+        self.batch_ops.append(&mut ops);
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.pending_acks.push_back(after(
-                write,
-                Packet::PubAck(PubAck::new(pkid)),
-                started,
-            )),
-            QoS::ExactlyOnce => self.pending_acks.push_back(after(
-                write,
-                Packet::PubRec(PubRec::new(pkid)),
-                started,
-            )),
+            QoS::AtLeastOnce => self.batch_acks.push(Packet::PubAck(PubAck::new(pkid))),
+            QoS::ExactlyOnce => self.batch_acks.push(Packet::PubRec(PubRec::new(pkid))),
         }
         Ok(())
     }
@@ -650,15 +705,12 @@ impl Conn {
     async fn finish(&mut self, end: &End, will: Option<&LastWill>) {
         if matches!(end, End::Shutdown | End::Clean) {
             let drain = async {
-                while let Some(done) = self.pending_acks.next().await {
-                    match done {
-                        Ok(Some(p)) => {
-                            if self.framed.feed(p).await.is_err() {
-                                break;
-                            }
+                'drain: while let Some(done) = self.pending_acks.next().await {
+                    let Ok(acks) = done else { break };
+                    for p in acks {
+                        if self.framed.feed(p).await.is_err() {
+                            break 'drain;
                         }
-                        Ok(None) => {}
-                        Err(_) => break,
                     }
                 }
                 let _ = self.framed.flush().await;
