@@ -5,6 +5,7 @@ use std::sync::LazyLock;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -24,11 +25,23 @@ pub struct Metrics {
     pub mqtt_protocol_errors: Counter,
     pub mqtt_ack_seconds: Histogram,
     pub http_ingested_records: Counter,
-    pub consumer_records_in: Counter,
-    pub consumer_alerts_out: Counter,
-    pub consumer_errors: Counter,
+    pub consumer_records_in: Family<ConsumerLabel, Counter>,
+    pub consumer_alerts_out: Family<ConsumerLabel, Counter>,
+    pub consumer_errors: Family<ConsumerLabel, Counter>,
+    pub consumer_dead_lettered: Family<ConsumerLabel, Counter>,
+    /// Wall-clock seconds spent inside the module (calls, including instantiation).
+    pub consumer_busy_seconds: Family<ConsumerLabel, Counter<f64>>,
+    pub consumer_lag: Family<ConsumerLabel, Gauge>,
     pub webhook_deliveries: Counter,
     pub webhook_failures: Counter,
+}
+
+/// The `consumer` label of per-consumer metrics.
+pub type ConsumerLabel = Vec<(String, String)>;
+
+/// The label set of one consumer.
+pub fn consumer_label(name: &str) -> ConsumerLabel {
+    vec![("consumer".to_string(), name.to_string())]
 }
 
 /// The node's metrics.
@@ -50,9 +63,12 @@ impl Metrics {
             mqtt_protocol_errors: Counter::default(),
             mqtt_ack_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             http_ingested_records: Counter::default(),
-            consumer_records_in: Counter::default(),
-            consumer_alerts_out: Counter::default(),
-            consumer_errors: Counter::default(),
+            consumer_records_in: Family::default(),
+            consumer_alerts_out: Family::default(),
+            consumer_errors: Family::default(),
+            consumer_dead_lettered: Family::default(),
+            consumer_busy_seconds: Family::default(),
+            consumer_lag: Family::default(),
             webhook_deliveries: Counter::default(),
             webhook_failures: Counter::default(),
             registry: Registry::default(),
@@ -131,6 +147,21 @@ impl Metrics {
             "consumer_errors",
             "Failed consumer batches (traps, timeouts, bad output)",
             m.consumer_errors.clone(),
+        );
+        registry.register(
+            "consumer_dead_lettered",
+            "Records a consumer failed on every try, sent to _dlq",
+            m.consumer_dead_lettered.clone(),
+        );
+        registry.register(
+            "consumer_busy_seconds",
+            "Time spent running the consumer's module",
+            m.consumer_busy_seconds.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Records not yet processed, summed over the consumer's partitions",
+            m.consumer_lag.clone(),
         );
         registry.register(
             "webhook_deliveries",

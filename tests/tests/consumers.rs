@@ -95,6 +95,19 @@ async fn threshold_alerts_reach_mqtt_http_and_sse() {
     assert_eq!(sum(&s, "records_in"), 3, "the filter skipped other/1: {s}");
     assert_eq!(sum(&s, "alerts_out"), 2);
     assert_eq!(sum(&s, "lag"), 0);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "shoal_consumer_records_in_total{consumer=\"hot\"} 3",
+        "shoal_consumer_alerts_out_total{consumer=\"hot\"} 2",
+        "shoal_consumer_lag{consumer=\"hot\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
     n.stop().await;
 }
 

@@ -31,7 +31,7 @@ use wasmtime::Module;
 
 pub use runtime::{ConsumerError, Limits, Runtime};
 
-use crate::metrics::METRICS;
+use crate::metrics::{METRICS, consumer_label};
 use crate::mqtt::topic::{matches, valid_filter};
 use crate::storage::{
     Checkpoint, ConsumerSpec, NewRecord, Op, Record, StartFrom, Storage, StorageError, TopicConfig,
@@ -487,6 +487,16 @@ impl Runner {
         }
     }
 
+    fn publish_lag(&self) {
+        if let Ok(s) = self.status.lock() {
+            let lag: u64 = s.iter().map(|p| p.lag).sum();
+            METRICS
+                .consumer_lag
+                .get_or_create(&consumer_label(&self.spec.name))
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        }
+    }
+
     async fn run(mut self) {
         let Some(topic) = self.inner.storage.topic(&self.spec.topic) else {
             self.set_state("failed: topic does not exist");
@@ -564,6 +574,7 @@ impl Runner {
             s.end_offset = end;
             s.lag = end.saturating_sub(lag_cursor);
         });
+        self.publish_lag();
         if batch.records.is_empty() {
             return Ok(false);
         }
@@ -661,6 +672,10 @@ impl Runner {
             s.busy_ms += busy;
             s.fuel_used += fuel;
         });
+        METRICS
+            .consumer_busy_seconds
+            .get_or_create(&consumer_label(&self.spec.name))
+            .inc_by(busy as f64 / 1000.0);
         out
     }
 
@@ -672,7 +687,10 @@ impl Runner {
     ) -> Result<bool, StorageError> {
         let name = self.spec.name.clone();
         tracing::warn!(consumer = %name, partition = p, error = %e, "consumer batch failed");
-        METRICS.consumer_errors.inc();
+        METRICS
+            .consumer_errors
+            .get_or_create(&consumer_label(&name))
+            .inc();
         self.with_status(p, |s| {
             s.errors += 1;
             s.last_error = Some(e.to_string());
@@ -747,6 +765,10 @@ impl Runner {
             s.dead_lettered += 1;
             s.cursor = next;
         });
+        METRICS
+            .consumer_dead_lettered
+            .get_or_create(&consumer_label(&name))
+            .inc();
         tracing::warn!(consumer = %name, partition = p, offset = offset.0, "record sent to _dlq");
         Ok(true)
     }
@@ -873,8 +895,15 @@ impl Runner {
             out.alerts.len() as u64,
             out.emits.len() as u64,
         );
-        METRICS.consumer_records_in.inc_by(n_in);
-        METRICS.consumer_alerts_out.inc_by(n_alerts);
+        let label = consumer_label(&self.spec.name);
+        METRICS
+            .consumer_records_in
+            .get_or_create(&label)
+            .inc_by(n_in);
+        METRICS
+            .consumer_alerts_out
+            .get_or_create(&label)
+            .inc_by(n_alerts);
         self.with_status(p, |s| {
             s.cursor = next;
             s.records_in += n_in;
@@ -882,6 +911,7 @@ impl Runner {
             s.emitted += n_emits;
             s.lag = s.end_offset.saturating_sub(next);
         });
+        self.publish_lag();
         if self.parts.iter().all(|p| p.tries == 0) {
             self.set_state("running");
         }
