@@ -22,6 +22,9 @@ use super::{
 use crate::metrics::METRICS;
 use crate::types::{Offset, Origin, PartitionId, RecordId, Seq};
 
+/// (topic, producer).
+pub(super) type ProducerKey = (Arc<str>, Arc<str>);
+
 pub(super) struct Request {
     pub ops: Vec<Op>,
     pub reply: oneshot::Sender<Result<Vec<OpOutcome>, StorageError>>,
@@ -37,7 +40,7 @@ pub(super) struct WriterState {
     pub max_batch_ops: usize,
     pub failed: Option<String>,
     /// Committed sequence ranges of idempotent producers, loaded on first use.
-    pub producers: HashMap<(Arc<str>, Arc<str>), Vec<(u64, u64)>>,
+    pub producers: HashMap<ProducerKey, Vec<(u64, u64)>>,
 }
 
 /// Most records retention deletes from one partition in one pass, so a huge backlog is
@@ -162,7 +165,7 @@ impl WriterState {
         let mut appended = 0u64;
         // Undo information for the in-memory partition state if the commit fails.
         let mut before: HashMap<(Arc<str>, u32), PartitionMeta> = HashMap::new();
-        let mut producer_before: HashMap<(Arc<str>, Arc<str>), Vec<(u64, u64)>> = HashMap::new();
+        let mut producer_before: HashMap<ProducerKey, Vec<(u64, u64)>> = HashMap::new();
 
         for req in batch {
             if let Err(e) = self.validate(&req.ops, &new_topics) {
@@ -609,6 +612,20 @@ fn insert_seq(ranges: &mut Vec<(u64, u64)>, seq: u64) -> bool {
     true
 }
 
+/// Increments and returns the origin's seq in a sorted version vector.
+fn bump_seq(vv: &mut Vec<(u64, u64)>, origin: u64) -> u64 {
+    match vv.binary_search_by_key(&origin, |(o, _)| *o) {
+        Ok(i) => {
+            vv[i].1 += 1;
+            vv[i].1
+        }
+        Err(i) => {
+            vv.insert(i, (origin, 1));
+            1
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::insert_seq;
@@ -628,19 +645,5 @@ mod tests {
         assert!(insert_seq(&mut r, 0));
         assert!(insert_seq(&mut r, u64::MAX));
         assert_eq!(r, vec![(0, 7), (10, 10), (u64::MAX, u64::MAX)]);
-    }
-}
-
-/// Increments and returns the origin's seq in a sorted version vector.
-fn bump_seq(vv: &mut Vec<(u64, u64)>, origin: u64) -> u64 {
-    match vv.binary_search_by_key(&origin, |(o, _)| *o) {
-        Ok(i) => {
-            vv[i].1 += 1;
-            vv[i].1
-        }
-        Err(i) => {
-            vv.insert(i, (origin, 1));
-            1
-        }
     }
 }
