@@ -5,6 +5,10 @@
 //! already stored. So a re-run, or a run resumed after an interruption, never duplicates a
 //! record. A small state file remembers which chunks were acknowledged, so a resumed run
 //! does not even resend them.
+//!
+//! Order: requests run in parallel lanes, and every device's readings stay in one lane, sent
+//! chunk after chunk, so each sensor's records reach the log in file (event-time) order;
+//! consumers that look at event-time gaps or rates see the history as it happened.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -12,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{self, Reading};
@@ -33,7 +36,7 @@ pub struct BackfillArgs {
     /// Readings per request.
     #[arg(long, default_value_t = 20_000)]
     pub chunk: usize,
-    /// Requests in flight.
+    /// Requests in flight (lanes; a device's readings stay in one lane, in order).
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
     /// Where progress is kept for resuming; default FILE.backfill.json. `--state none`
@@ -51,7 +54,9 @@ struct State {
     producer: String,
     topic: String,
     chunk: usize,
-    done: BTreeSet<usize>,
+    lanes: usize,
+    /// `(lane, chunk)` pairs acknowledged.
+    done: BTreeSet<(usize, usize)>,
 }
 
 /// Appends the ingest line of one reading to `out`. Device and sensor names are checked
@@ -100,22 +105,47 @@ pub fn main(args: BackfillArgs) -> Result<()> {
         .as_ref()
         .and_then(|p| std::fs::read(p).ok())
         .and_then(|b| serde_json::from_slice::<State>(&b).ok())
-        .filter(|s| s.producer == producer && s.topic == args.topic && s.chunk == args.chunk)
+        .filter(|s| {
+            s.producer == producer
+                && s.topic == args.topic
+                && s.chunk == args.chunk
+                && s.lanes == args.parallel
+        })
         .unwrap_or_else(|| State {
             producer: producer.clone(),
             topic: args.topic.clone(),
             chunk: args.chunk,
+            lanes: args.parallel,
             done: BTreeSet::new(),
         });
-    let chunks: Vec<usize> = (0..readings.len().div_ceil(args.chunk))
-        .filter(|c| !state.done.contains(c))
+    // Devices to lanes, round robin over the sorted device names (deterministic).
+    let mut devices: Vec<&str> = readings.iter().map(|r| r.device.as_str()).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let lane_of: std::collections::HashMap<&str, usize> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (*d, i % args.parallel))
         .collect();
+    let mut lanes: Vec<Vec<usize>> = vec![Vec::new(); args.parallel];
+    for (i, r) in readings.iter().enumerate() {
+        lanes[lane_of[r.device.as_str()]].push(i);
+    }
+    let already: usize = state
+        .done
+        .iter()
+        .map(|&(l, c)| {
+            lanes.get(l).map_or(0, |v| {
+                v.len().saturating_sub(c * args.chunk).min(args.chunk)
+            })
+        })
+        .sum();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let started = Instant::now();
     let progress = crate::progress::bar(readings.len() as u64, "backfill");
-    progress.inc((readings.len().min(state.done.len() * args.chunk)) as u64);
+    progress.inc(already as u64);
     let (mut accepted, mut duplicates) = (0u64, 0u64);
     let result: Result<()> = rt.block_on(async {
         let client = reqwest::Client::builder()
@@ -144,60 +174,56 @@ pub fn main(args: BackfillArgs) -> Result<()> {
             );
         }
         let readings = &readings;
-        let mut sends = futures::stream::iter(chunks.into_iter().map(|c| {
+        let state_cell = std::sync::Mutex::new(&mut state);
+        let totals = std::sync::Mutex::new((0u64, 0u64));
+        let last_save = std::sync::Mutex::new(Instant::now());
+        let (state_ref, totals_ref, save_ref, progress_ref) =
+            (&state_cell, &totals, &last_save, &progress);
+        let lanes_ref = &lanes;
+        let state_path_ref = &state_path;
+        let lane_runs = (0..lanes.len()).map(|l| {
             let (client, url, producer) = (client.clone(), url.clone(), producer.clone());
+            let producer_json = serde_json::Value::from(producer.as_str()).to_string();
             async move {
-                let lo = c * args.chunk;
-                let hi = (lo + args.chunk).min(readings.len());
-                let mut body = String::with_capacity((hi - lo) * 128);
-                let producer_json = serde_json::Value::from(producer.as_str()).to_string();
-                for (i, r) in readings[lo..hi].iter().enumerate() {
-                    push_line(&mut body, r, &producer_json, lo + i);
-                }
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    let sent = client.post(&url).body(body.clone()).send().await;
-                    match sent {
-                        Ok(resp) if resp.status().is_success() => {
-                            let v: serde_json::Value = resp.json().await?;
-                            return Ok::<_, anyhow::Error>((
-                                c,
-                                hi - lo,
-                                v["accepted"].as_u64().unwrap_or(0),
-                                v["duplicates"].as_u64().unwrap_or(0),
-                            ));
+                let idx = &lanes_ref[l];
+                for c in 0..idx.len().div_ceil(args.chunk) {
+                    let skip = state_ref
+                        .lock()
+                        .map(|s| s.done.contains(&(l, c)))
+                        .unwrap_or(false);
+                    if skip {
+                        continue;
+                    }
+                    let part = &idx[c * args.chunk..((c + 1) * args.chunk).min(idx.len())];
+                    let mut body = String::with_capacity(part.len() * 128);
+                    for &i in part {
+                        push_line(&mut body, &readings[i], &producer_json, i);
+                    }
+                    let (a, d) = send_chunk(&client, &url, body, l, c).await?;
+                    progress_ref.inc(part.len() as u64);
+                    if let Ok(mut t) = totals_ref.lock() {
+                        t.0 += a;
+                        t.1 += d;
+                    }
+                    if let Ok(mut s) = state_ref.lock() {
+                        s.done.insert((l, c));
+                        let mut last = save_ref.lock().map_err(|_| anyhow!("lock"))?;
+                        if last.elapsed() > Duration::from_millis(500) {
+                            save(state_path_ref, &s)?;
+                            *last = Instant::now();
                         }
-                        Ok(resp) if resp.status().is_client_error() => {
-                            let text = resp.text().await.unwrap_or_default();
-                            bail!("the node refused chunk {c}: {text}");
-                        }
-                        other if tries < 5 => {
-                            let why = match other {
-                                Ok(r) => format!("HTTP {}", r.status()),
-                                Err(e) => e.to_string(),
-                            };
-                            eprintln!("shoal-sim: chunk {c} failed ({why}); retrying");
-                            tokio::time::sleep(Duration::from_millis(200 << tries)).await;
-                        }
-                        Ok(resp) => bail!("chunk {c} failed: HTTP {}", resp.status()),
-                        Err(e) => return Err(anyhow!("chunk {c} failed: {e}")),
                     }
                 }
+                Ok::<_, anyhow::Error>(())
             }
-        }))
-        .buffer_unordered(args.parallel);
-        let mut last_save = Instant::now();
-        while let Some(done) = sends.next().await {
-            let (c, n, a, d) = done?;
-            accepted += a;
-            duplicates += d;
-            progress.inc(n as u64);
-            state.done.insert(c);
-            if last_save.elapsed() > Duration::from_millis(500) {
-                save(&state_path, &state)?;
-                last_save = Instant::now();
-            }
+        });
+        let results = futures::future::join_all(lane_runs).await;
+        if let Ok(t) = totals.lock() {
+            accepted = t.0;
+            duplicates = t.1;
+        }
+        for r in results {
+            r?;
         }
         Ok(())
     });
@@ -220,6 +246,44 @@ pub fn main(args: BackfillArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Posts one chunk, retrying transient failures; returns (accepted, duplicates).
+async fn send_chunk(
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+    lane: usize,
+    c: usize,
+) -> Result<(u64, u64)> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let sent = client.post(url).body(body.clone()).send().await;
+        match sent {
+            Ok(resp) if resp.status().is_success() => {
+                let v: serde_json::Value = resp.json().await?;
+                return Ok((
+                    v["accepted"].as_u64().unwrap_or(0),
+                    v["duplicates"].as_u64().unwrap_or(0),
+                ));
+            }
+            Ok(resp) if resp.status().is_client_error() => {
+                let text = resp.text().await.unwrap_or_default();
+                bail!("the node refused chunk {lane}:{c}: {text}");
+            }
+            other if tries < 5 => {
+                let why = match other {
+                    Ok(r) => format!("HTTP {}", r.status()),
+                    Err(e) => e.to_string(),
+                };
+                eprintln!("shoal-sim: chunk {lane}:{c} failed ({why}); retrying");
+                tokio::time::sleep(Duration::from_millis(200 << tries)).await;
+            }
+            Ok(resp) => bail!("chunk {lane}:{c} failed: HTTP {}", resp.status()),
+            Err(e) => return Err(anyhow!("chunk {lane}:{c} failed: {e}")),
+        }
+    }
 }
 
 fn save(path: &Option<PathBuf>, state: &State) -> Result<()> {

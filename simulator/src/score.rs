@@ -46,9 +46,24 @@ pub struct ScoreArgs {
     /// How long after a label's end an alert still counts as detecting it.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub tolerance: Duration,
+    /// Score only these anomaly kinds (comma-separated, e.g. spike,stuck,dropout). Alerts
+    /// that fall on anomalies of other kinds are then left out instead of counted as false.
+    #[arg(long, value_delimiter = ',')]
+    pub kinds: Vec<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Whether alert `a` falls on label `l`.
+fn on_label(a: &Alert, l: &Label, tolerance_ms: u64) -> bool {
+    let Some((device, sensor)) = dataset::parse_subject(&a.subject) else {
+        return false;
+    };
+    device == l.device
+        && l.sensor.as_deref().is_none_or(|s| s == sensor)
+        && a.event_time >= l.start_ms
+        && a.event_time <= l.end_ms.saturating_add(tolerance_ms)
 }
 
 /// Entry point of `shoal-sim score`.
@@ -60,6 +75,21 @@ pub fn main(args: ScoreArgs) -> Result<()> {
         (None, None) => bail!("give --alerts FILE or --url URL"),
     };
     let tolerance_ms = u64::try_from(args.tolerance.as_millis()).unwrap_or(u64::MAX);
+    let (labels, raw) = if args.kinds.is_empty() {
+        (labels, raw)
+    } else {
+        let (kept, other): (Vec<Label>, Vec<Label>) = labels
+            .into_iter()
+            .partition(|l| args.kinds.contains(&l.kind));
+        let raw = raw
+            .into_iter()
+            .filter(|a| {
+                kept.iter().any(|l| on_label(a, l, tolerance_ms))
+                    || !other.iter().any(|l| on_label(a, l, tolerance_ms))
+            })
+            .collect();
+        (kept, raw)
+    };
     let report = score(&labels, raw, args.consumer.as_deref(), tolerance_ms);
     if args.json {
         println!("{}", report.to_json());

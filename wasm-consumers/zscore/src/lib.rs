@@ -1,7 +1,11 @@
 //! Rolling z-score consumer: per key, an exponentially weighted mean and variance (EWMA);
 //! a reading more than `threshold` standard deviations from the mean raises an alert.
 //!
-//! Config: `{"threshold": 4.0, "alpha": 0.05, "warmup": 20, "field": "value"}`.
+//! Config: `{"threshold": 4.0, "alpha": 0.05, "warmup": 20, "field": "value", "scale": "level"}`.
+//! `"scale": "diff"` scores each reading's step from the previous normal reading against
+//! the typical step (EWMA of squared steps) instead of its distance from the mean against
+//! the level's spread: slow swings of the signal (load, daily cycles) then neither widen the
+//! band nor leave the mean behind, so short spikes stand out.
 //! Anomalous readings do not update the statistics (so a spike does not hide the next
 //! one), unless `adapt_after` (default 20) anomalies come in a row: then the series has
 //! shifted level, and the model follows it.
@@ -16,6 +20,7 @@ pub struct ZScore {
     warmup: u64,
     adapt_after: u64,
     field: String,
+    diff_scale: bool,
 }
 
 /// Per-key statistics, stored in the consumer's state.
@@ -25,6 +30,9 @@ struct Stats {
     mean: f64,
     var: f64,
     streak: u64,
+    /// Previous accepted reading and the EWMA of half the squared successive difference.
+    prev: f64,
+    dvar: f64,
 }
 
 impl Stats {
@@ -32,13 +40,17 @@ impl Stats {
         if self.count == 0 {
             self.mean = x;
             self.var = 0.0;
+            self.dvar = 0.0;
         } else {
             // A plain running mean until the EWMA window is filled, then EWMA.
             let a = alpha.max(1.0 / (self.count as f64 + 1.0));
             let d = x - self.mean;
             self.mean += a * d;
             self.var = (1.0 - a) * (self.var + a * d * d);
+            let step = x - self.prev;
+            self.dvar = (1.0 - a) * self.dvar + a * step * step;
         }
+        self.prev = x;
         self.count += 1;
     }
 }
@@ -50,6 +62,11 @@ impl Consumer for ZScore {
         self.warmup = config_f64(config, "warmup").unwrap_or(20.0) as u64;
         self.adapt_after = config_f64(config, "adapt_after").unwrap_or(20.0) as u64;
         self.field = config_str(config, "field").unwrap_or_else(|| "value".into());
+        self.diff_scale = match config_str(config, "scale").as_deref() {
+            None | Some("level") => false,
+            Some("diff") => true,
+            Some(other) => return Err(format!("scale {other:?}: use \"level\" or \"diff\"")),
+        };
         if !(self.alpha > 0.0 && self.alpha < 1.0) || self.threshold <= 0.0 {
             return Err("need 0 < alpha < 1 and threshold > 0".into());
         }
@@ -62,8 +79,13 @@ impl Consumer for ZScore {
         };
         let key = format!("z/{}", r.subject);
         let mut s: Stats = ctx.get_as(&key).unwrap_or_default();
-        let sd = s.var.sqrt().max(1e-9 * s.mean.abs().max(1.0));
-        let z = (x - s.mean) / sd;
+        let (dev, spread) = if self.diff_scale {
+            (x - s.prev, s.dvar)
+        } else {
+            (x - s.mean, s.var)
+        };
+        let sd = spread.sqrt().max(1e-9 * s.mean.abs().max(1.0));
+        let z = dev / sd;
         if s.count >= self.warmup && z.abs() > self.threshold {
             s.streak += 1;
             ctx.alert(
@@ -112,6 +134,33 @@ mod tests {
             h.feed_values(&[("t", &noisy(201).to_string(), 201)])
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn diff_scale_ignores_slow_swings() {
+        // A slow ramp with small noise: the level spread is large, the step spread small.
+        let series = |i: u64| 10.0 + (i as f64 / 50.0).sin() * 5.0 + noisy(i) * 0.2;
+        let mut level = Harness::<ZScore>::new(r#"{"threshold": 5}"#).unwrap();
+        let mut diff = Harness::<ZScore>::new(r#"{"threshold": 5, "scale": "diff"}"#).unwrap();
+        for i in 0..300 {
+            let v = series(i).to_string();
+            level.feed_values(&[("t", &v, i)]);
+            assert!(
+                diff.feed_values(&[("t", &v, i)]).is_empty(),
+                "false alarm at {i}"
+            );
+        }
+        let spike = (series(300) + 2.0).to_string();
+        assert!(
+            level.feed_values(&[("t", &spike, 300)]).is_empty(),
+            "level scale misses it"
+        );
+        assert_eq!(
+            diff.feed_values(&[("t", &spike, 300)]).len(),
+            1,
+            "diff scale flags it"
+        );
+        assert!(Harness::<ZScore>::new(r#"{"scale": "x"}"#).is_err());
     }
 
     #[test]
