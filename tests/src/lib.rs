@@ -507,3 +507,30 @@ pub async fn alerts(base: &str, consumer: Option<&str>) -> Vec<Value> {
         from = next;
     }
 }
+
+/// Path of the `shoal-sim` binary built next to the test executable.
+pub fn sim_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("shoal-sim");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build -p simulator` (the gate script does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `shoal-sim ARGS`; returns (success, stdout, stderr).
+pub async fn sim(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(sim_bin())
+        .args(args)
+        .output()
+        .await
+        .expect("run shoal-sim");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
