@@ -50,9 +50,62 @@ pub struct ScoreArgs {
     /// that fall on anomalies of other kinds are then left out instead of counted as false.
     #[arg(long, value_delimiter = ',')]
     pub kinds: Vec<String>,
+    /// Also score point by point, as SKAB's leaderboard does: every reading time in this
+    /// data (a file, or a directory of SKAB CSVs) is a point, anomalous when inside a label
+    /// window, and flagged when an alert has that device and event time.
+    #[arg(long)]
+    pub points: Option<PathBuf>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Point-wise precision, recall and F1 over every (device, time) of a data set.
+pub fn pointwise(data: &Path, labels: &[Label], alerts: &[Alert]) -> Result<Value> {
+    let mut files = Vec::new();
+    if data.is_dir() {
+        collect_csv(data, &mut files)?;
+    } else {
+        files.push(data.to_path_buf());
+    }
+    let mut points: BTreeSet<(String, u64)> = BTreeSet::new();
+    for f in &files {
+        for r in dataset::read_readings(f)? {
+            points.insert((r.device, r.ts_ms));
+        }
+    }
+    let flagged: HashSet<(String, u64)> = alerts
+        .iter()
+        .filter_map(|a| dataset::parse_subject(&a.subject).map(|(d, _)| (d, a.event_time)))
+        .collect();
+    let mut by_device: HashMap<&str, Vec<&Label>> = HashMap::new();
+    for l in labels {
+        by_device.entry(l.device.as_str()).or_default().push(l);
+    }
+    let (mut tp, mut fp, mut fne, mut anomalous) = (0u64, 0u64, 0u64, 0u64);
+    for (device, ts) in &points {
+        let truth = by_device
+            .get(device.as_str())
+            .is_some_and(|ls| ls.iter().any(|l| *ts >= l.start_ms && *ts <= l.end_ms));
+        let pred = flagged.contains(&(device.clone(), *ts));
+        anomalous += u64::from(truth);
+        match (truth, pred) {
+            (true, true) => tp += 1,
+            (false, true) => fp += 1,
+            (true, false) => fne += 1,
+            (false, false) => {}
+        }
+    }
+    let precision = ratio(tp as usize, (tp + fp) as usize);
+    let recall = ratio(tp as usize, (tp + fne) as usize);
+    let f1 = match (precision, recall) {
+        (Some(p), Some(r)) if p + r > 0.0 => Some(2.0 * p * r / (p + r)),
+        _ => None,
+    };
+    Ok(serde_json::json!({
+        "points": points.len(), "anomalous": anomalous, "flagged": tp + fp,
+        "precision": precision, "recall": recall, "f1": f1,
+    }))
 }
 
 /// Whether alert `a` falls on label `l`.
@@ -90,11 +143,42 @@ pub fn main(args: ScoreArgs) -> Result<()> {
             .collect();
         (kept, raw)
     };
+    let points = match &args.points {
+        Some(data) => {
+            let filtered: Vec<Alert> = raw
+                .iter()
+                .filter(|a| {
+                    args.consumer
+                        .as_deref()
+                        .is_none_or(|c| a.consumer.as_deref() == Some(c))
+                })
+                .cloned()
+                .collect();
+            Some(pointwise(data, &labels, &filtered)?)
+        }
+        None => None,
+    };
     let report = score(&labels, raw, args.consumer.as_deref(), tolerance_ms);
     if args.json {
-        println!("{}", report.to_json());
+        let mut v = report.to_json();
+        if let Some(p) = points {
+            v["pointwise"] = p;
+        }
+        println!("{v}");
     } else {
         print!("{}", report.to_text());
+        if let Some(p) = points {
+            let f = |k: &str| p[k].as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
+            println!(
+                "point-wise over {} points ({} anomalous, {} flagged): precision {}, recall {}, F1 {}",
+                p["points"],
+                p["anomalous"],
+                p["flagged"],
+                f("precision"),
+                f("recall"),
+                f("f1")
+            );
+        }
     }
     Ok(())
 }
@@ -280,6 +364,8 @@ pub struct Group {
     pub matched_alerts: usize,
     /// Detection delay (ms) of every detected label, sorted.
     pub delays_ms: Vec<u64>,
+    /// False alerts charged to the group (see `Report::scores`).
+    pub false_alerts: Option<usize>,
 }
 
 /// The outcome of scoring.
@@ -332,10 +418,15 @@ pub fn score(
     overall.labels = labels.len();
     let mut foreign = 0;
     let mut unmatched = 0;
+    // Which consumers found each kind, and each consumer's false alerts: a kind's precision
+    // counts the false alerts of the detectors that find it, not everyone's.
+    let mut kind_consumers: HashMap<String, BTreeSet<Option<String>>> = HashMap::new();
+    let mut false_by_consumer: HashMap<Option<String>, usize> = HashMap::new();
     for a in &alerts {
         let Some((device, sensor)) = dataset::parse_subject(&a.subject) else {
             foreign += 1;
             unmatched += 1;
+            *false_by_consumer.entry(a.consumer.clone()).or_default() += 1;
             continue;
         };
         let mut matched_kinds: BTreeSet<&str> = BTreeSet::new();
@@ -351,12 +442,17 @@ pub fn score(
         }
         if matched_kinds.is_empty() {
             unmatched += 1;
+            *false_by_consumer.entry(a.consumer.clone()).or_default() += 1;
         } else {
             overall.matched_alerts += 1;
             for k in matched_kinds {
                 if let Some(g) = kinds.get_mut(k) {
                     g.matched_alerts += 1;
                 }
+                kind_consumers
+                    .entry(k.to_string())
+                    .or_default()
+                    .insert(a.consumer.clone());
             }
         }
     }
@@ -372,8 +468,14 @@ pub fn score(
         }
     }
     overall.delays_ms.sort_unstable();
-    for g in kinds.values_mut() {
+    overall.false_alerts = Some(unmatched);
+    for (k, g) in kinds.iter_mut() {
         g.delays_ms.sort_unstable();
+        g.false_alerts = Some(kind_consumers.get(k).map_or(0, |cs| {
+            cs.iter()
+                .map(|c| false_by_consumer.get(c).copied().unwrap_or(0))
+                .sum()
+        }));
     }
     Report {
         alerts: alerts.len(),
@@ -408,13 +510,17 @@ pub struct Scores {
 }
 
 impl Report {
-    /// Scores of a group; `unmatched` is added to its alerts for precision.
+    /// Scores of a group: its false alerts (overall: every unmatched alert; per kind: those
+    /// of the consumers that detected that kind) are added to its alerts for precision.
     pub fn scores(&self, g: &Group) -> Scores {
-        let precision = ratio(g.matched_alerts, g.matched_alerts + self.unmatched);
+        let false_alerts = g.false_alerts.unwrap_or(self.unmatched);
+        let precision = ratio(g.matched_alerts, g.matched_alerts + false_alerts);
         let recall = ratio(g.detected, g.labels);
         let f1 = match (precision, recall) {
             (Some(p), Some(r)) if p + r > 0.0 => Some(2.0 * p * r / (p + r)),
             (Some(_), Some(_)) => Some(0.0),
+            // Nothing detected: F1 is 0 even when no alert was charged to the group.
+            (None, Some(r)) if r == 0.0 => Some(0.0),
             _ => None,
         };
         Scores {
