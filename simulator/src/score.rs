@@ -520,7 +520,7 @@ impl Report {
             (Some(p), Some(r)) if p + r > 0.0 => Some(2.0 * p * r / (p + r)),
             (Some(_), Some(_)) => Some(0.0),
             // Nothing detected: F1 is 0 even when no alert was charged to the group.
-            (None, Some(r)) if r == 0.0 => Some(0.0),
+            (None, Some(0.0)) => Some(0.0),
             _ => None,
         };
         Scores {
