@@ -1,8 +1,10 @@
 //! `shoal-sim backfill FILE --url URL`: loads history through the node's bulk ingest API
 //! with the readings' original event times, fast (large chunks, several in flight) and
-//! idempotent: every line carries a producer id derived from the file's content and its
-//! index in the file as sequence number, and the node skips any (producer, sequence) it has
-//! already stored. So a re-run, or a run resumed after an interruption, never duplicates a
+//! idempotent: every line carries a producer id (derived from the file's content, one per
+//! device) and the reading's index within its device as sequence number, and the node skips
+//! any (producer, sequence) it has already stored. A device's readings go in order through
+//! one lane, so each producer's sequences arrive contiguously and the node keeps one range
+//! per producer. So a re-run, or a run resumed after an interruption, never duplicates a
 //! record. A small state file remembers which chunks were acknowledged, so a resumed run
 //! does not even resend them.
 //!
@@ -52,6 +54,8 @@ pub struct BackfillArgs {
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 struct State {
     producer: String,
+    /// Hash of the file's content: a state file never applies to another file.
+    content: String,
     topic: String,
     chunk: usize,
     lanes: usize,
@@ -62,7 +66,7 @@ struct State {
 /// Appends the ingest line of one reading to `out`. Device and sensor names are checked
 /// by the dataset reader (no quotes or control characters), so only the producer needs
 /// escaping, once, by the caller.
-fn push_line(out: &mut String, r: &Reading, producer_json: &str, sequence: usize) {
+fn push_line(out: &mut String, r: &Reading, producer_json: &str, sequence: u64) {
     use std::fmt::Write;
     let subject = dataset::subject(&r.device, &r.sensor);
     let _ = writeln!(
@@ -89,6 +93,7 @@ pub fn main(args: BackfillArgs) -> Result<()> {
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let readings = dataset::read_readings(&args.file)?;
+    let content = producer_for(&bytes, "");
     let producer = args
         .producer
         .clone()
@@ -107,12 +112,14 @@ pub fn main(args: BackfillArgs) -> Result<()> {
         .and_then(|b| serde_json::from_slice::<State>(&b).ok())
         .filter(|s| {
             s.producer == producer
+                && s.content == content
                 && s.topic == args.topic
                 && s.chunk == args.chunk
                 && s.lanes == args.parallel
         })
         .unwrap_or_else(|| State {
             producer: producer.clone(),
+            content: content.clone(),
             topic: args.topic.clone(),
             chunk: args.chunk,
             lanes: args.parallel,
@@ -128,8 +135,14 @@ pub fn main(args: BackfillArgs) -> Result<()> {
         .map(|(i, d)| (*d, i % args.parallel))
         .collect();
     let mut lanes: Vec<Vec<usize>> = vec![Vec::new(); args.parallel];
+    // Sequence of each reading within its device (file order).
+    let mut per_device: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut seq_of = Vec::with_capacity(readings.len());
     for (i, r) in readings.iter().enumerate() {
         lanes[lane_of[r.device.as_str()]].push(i);
+        let n = per_device.entry(r.device.as_str()).or_default();
+        seq_of.push(*n);
+        *n += 1;
     }
     let already: usize = state
         .done
@@ -180,11 +193,12 @@ pub fn main(args: BackfillArgs) -> Result<()> {
         let (state_ref, totals_ref, save_ref, progress_ref) =
             (&state_cell, &totals, &last_save, &progress);
         let lanes_ref = &lanes;
+        let seq_ref = &seq_of;
         let state_path_ref = &state_path;
         let lane_runs = (0..lanes.len()).map(|l| {
             let (client, url, producer) = (client.clone(), url.clone(), producer.clone());
-            let producer_json = serde_json::Value::from(producer.as_str()).to_string();
             async move {
+                let mut producer_json: std::collections::HashMap<&str, String> = Default::default();
                 let idx = &lanes_ref[l];
                 for c in 0..idx.len().div_ceil(args.chunk) {
                     let skip = state_ref
@@ -197,7 +211,15 @@ pub fn main(args: BackfillArgs) -> Result<()> {
                     let part = &idx[c * args.chunk..((c + 1) * args.chunk).min(idx.len())];
                     let mut body = String::with_capacity(part.len() * 128);
                     for &i in part {
-                        push_line(&mut body, &readings[i], &producer_json, i);
+                        let r = &readings[i];
+                        let pj = producer_json.entry(r.device.as_str()).or_insert_with(|| {
+                            let id = format!(
+                                "{producer}-{:08x}",
+                                xxhash_rust::xxh3::xxh3_64(r.device.as_bytes()) as u32
+                            );
+                            serde_json::Value::from(id).to_string()
+                        });
+                        push_line(&mut body, r, pj, seq_ref[i]);
                     }
                     let (a, d) = send_chunk(&client, &url, body, l, c).await?;
                     progress_ref.inc(part.len() as u64);

@@ -438,16 +438,20 @@ async fn unacknowledged_deliveries_are_resent_on_reconnect() {
 }
 
 #[tokio::test]
-async fn qos1_duplicate_after_reconnect_is_stored_once() {
+async fn qos1_resend_after_reconnect_is_at_least_once_and_qos2_is_exactly_once() {
     let n = TestNode::start().await;
     let mut raw = RawClient::connect(n.mqtt()).await;
     raw.handshake("dev", false, 30).await;
-    let mut p = Publish::new("dup/t", QoS::AtLeastOnce, b"x".to_vec());
-    p.pkid = 9;
-    raw.send(Packet::Publish(p.clone())).await;
+    let mut p1 = Publish::new("dup/q1", QoS::AtLeastOnce, b"x".to_vec());
+    p1.pkid = 9;
+    raw.send(Packet::Publish(p1.clone())).await;
     assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.pkid == 9));
+    let mut p2 = Publish::new("dup/q2", QoS::ExactlyOnce, b"y".to_vec());
+    p2.pkid = 10;
+    raw.send(Packet::Publish(p2.clone())).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubRec(r)) if r.pkid == 10));
     drop(raw);
-    // The device did not see the PUBACK and resends with DUP after reconnecting.
+    // The device saw neither ack and resends both with DUP after reconnecting.
     let mut raw = eventually("session taken over", || async {
         let mut raw = RawClient::connect(n.mqtt()).await;
         raw.handshake("dev", false, 30)
@@ -456,10 +460,22 @@ async fn qos1_duplicate_after_reconnect_is_stored_once() {
             .then_some(raw)
     })
     .await;
-    p.dup = true;
-    raw.send(Packet::Publish(p)).await;
+    p1.dup = true;
+    p2.dup = true;
+    raw.send(Packet::Publish(p1)).await;
     assert!(matches!(raw.recv().await, Some(Packet::PubAck(a)) if a.pkid == 9));
-    assert_eq!(n.all_records("telemetry").await.len(), 1);
+    raw.send(Packet::Publish(p2)).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubRec(r)) if r.pkid == 10));
+    raw.send(Packet::PubRel(PubRel::new(10))).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubComp(c)) if c.pkid == 10));
+    let recs = n.all_records("telemetry").await;
+    let count = |s: &str| recs.iter().filter(|r| r["subject"] == s).count();
+    assert_eq!(count("dup/q1"), 2, "QoS 1: at least once");
+    assert_eq!(
+        count("dup/q2"),
+        1,
+        "QoS 2: exactly once across the reconnect"
+    );
     n.stop().await;
 }
 

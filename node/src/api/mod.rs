@@ -108,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/alerts", get(consumers::alerts))
         .route("/v1/alerts/stream", get(consumers::stream))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -116,6 +117,14 @@ async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         message: "no such endpoint; see the HTTP API section of README.md".into(),
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "this endpoint does not take that method; see the HTTP API section of README.md"
+            .into(),
     }
 }
 
@@ -203,6 +212,16 @@ async fn create_topic(State(s): State<AppState>, body: Bytes) -> Result<Response
                 .as_millis() as u64,
         ),
     };
+    if retention_ms.is_some_and(|ms| ms < 1000) {
+        return Err(ApiError::bad_request(
+            "retention must be at least 1s (use null to keep records forever)",
+        ));
+    }
+    if req.retention_bytes.is_some_and(|b| b < 4096) {
+        return Err(ApiError::bad_request(
+            "retention_bytes must be at least 4096",
+        ));
+    }
     let partitions = req.partitions.unwrap_or(8);
     if partitions == 0 || partitions > 4096 {
         return Err(ApiError::bad_request(format!(

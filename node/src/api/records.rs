@@ -162,9 +162,10 @@ async fn read_page(
 /// `GET /v1/topics/{topic}/partitions/{p}/records?from=&limit=&wait_ms=`
 pub async fn read(
     State(s): State<AppState>,
-    Path((topic, partition)): Path<(String, u32)>,
+    path: Result<Path<(String, u32)>, axum::extract::rejection::PathRejection>,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
+    let Path((topic, partition)) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let partition = PartitionId(partition);
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIMIT);
@@ -211,22 +212,34 @@ pub struct StreamQuery {
 /// event per record (its `id` is the offset), until the client goes away or the node stops.
 pub async fn stream(
     State(s): State<AppState>,
-    Path((topic, partition)): Path<(String, u32)>,
+    path: Result<Path<(String, u32)>, axum::extract::rejection::PathRejection>,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Path((topic, partition)) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let partition = PartitionId(partition);
     let from = resolve_from(&s, &topic, partition, parse_from(q.from.as_deref())?).await?;
     let commits = s.storage.watch_commits();
-    let init = (s, topic, partition, from, commits, Vec::<Event>::new());
+    let init = (
+        s,
+        topic,
+        partition,
+        from,
+        commits,
+        Vec::<Event>::new(),
+        false,
+    );
     let events = futures::stream::unfold(
         init,
-        |(s, topic, partition, mut next, mut commits, mut queue)| async move {
+        |(s, topic, partition, mut next, mut commits, mut queue, failed)| async move {
+            if failed {
+                return None;
+            }
             loop {
                 if let Some(e) = queue.pop() {
                     return Some((
                         Ok::<_, std::convert::Infallible>(e),
-                        (s, topic, partition, next, commits, queue),
+                        (s, topic, partition, next, commits, queue, false),
                     ));
                 }
                 commits.borrow_and_update();
@@ -248,9 +261,8 @@ pub async fn stream(
                     Err(e) => {
                         let data = json!({ "error": e.message }).to_string();
                         let ev = Event::default().event("error").data(data);
-                        // End after reporting the error.
-                        s.shutdown.cancelled().await;
-                        return Some((Ok(ev), (s, topic, partition, next, commits, queue)));
+                        // Report the error once, then end the stream.
+                        return Some((Ok(ev), (s, topic, partition, next, commits, queue, true)));
                     }
                 }
                 tokio::select! {

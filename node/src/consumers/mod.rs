@@ -104,6 +104,8 @@ pub struct PartitionStatus {
     pub emitted: u64,
     pub errors: u64,
     pub dead_lettered: u64,
+    /// Records deleted by retention before the consumer reached them.
+    pub skipped_by_retention: u64,
     pub fuel_used: u64,
     pub busy_ms: u64,
     pub last_error: Option<String>,
@@ -132,6 +134,7 @@ struct Deployment {
     state: Arc<Mutex<String>>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    webhook: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Inner {
@@ -278,7 +281,12 @@ impl Consumers {
         .map_err(|e| DeployError::BadRequest(e.to_string()))??;
 
         let _guard = self.inner.deploy_lock.lock().await;
-        let previous = self.stop(&req.name).await;
+        let previous = self
+            .inner
+            .deployments
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&req.name).map(|d| d.spec.clone()));
         let sha = sha256_hex(&req.module);
         let spec = ConsumerSpec {
             name: req.name.clone(),
@@ -334,7 +342,9 @@ impl Consumers {
                 }
             }
         }
+        // Stored first: if that fails, the running version keeps running.
         self.inner.storage.write(ops).await?;
+        self.stop(&req.name).await;
         tracing::info!(consumer = %spec.name, version = spec.version, topic = %spec.topic, "consumer deployed");
         let name = spec.name.clone();
         self.launch(spec, module);
@@ -362,8 +372,12 @@ impl Consumers {
     async fn stop(&self, name: &str) -> Option<ConsumerSpec> {
         let d = self.inner.deployments.lock().ok()?.remove(name)?;
         d.cancel.cancel();
-        // The runner finishes the batch it is in (its commit is atomic) and exits.
+        // The runner finishes the batch it is in (its commit is atomic) and exits; the
+        // webhook task stops too, so two never write the same delivery cursor.
         let _ = d.task.await;
+        if let Some(w) = d.webhook {
+            let _ = w.await;
+        }
         Some(d.spec)
     }
 
@@ -394,15 +408,15 @@ impl Consumers {
             instances: HashMap::new(),
             parts: Vec::new(),
         };
-        if let Some(url) = spec.webhook.clone() {
+        let webhook = spec.webhook.clone().map(|url| {
             let task = crate::alerts::webhook_task(
                 self.inner.storage.clone(),
                 spec.name.clone(),
                 url,
                 cancel.clone(),
             );
-            self.inner.tracker.spawn(task);
-        }
+            self.inner.tracker.spawn(task)
+        });
         let task = self.inner.tracker.spawn(runner.run());
         if let Ok(mut d) = self.inner.deployments.lock() {
             d.insert(
@@ -413,6 +427,7 @@ impl Consumers {
                     state,
                     cancel,
                     task,
+                    webhook,
                 },
             );
         }
@@ -569,6 +584,11 @@ impl Runner {
         .await
         .map_err(|e| StorageError::Db(e.to_string()))??;
         let end = batch.next_offset.0;
+        if from < batch.log_start.0 {
+            let lost = batch.log_start.0 - from;
+            tracing::warn!(consumer = %self.spec.name, partition = p, records = lost, "records expired by retention before this consumer read them");
+            self.with_status(p, |s| s.skipped_by_retention += lost);
+        }
         let lag_cursor = from.max(batch.log_start.0);
         self.with_status(p, |s| {
             s.end_offset = end;

@@ -27,6 +27,10 @@ pub const MAX_OUTPUT_BYTES: u32 = 16 << 20;
 const TICK: Duration = Duration::from_millis(10);
 /// Most log lines a guest may write per batch (the rest are counted, not printed).
 const MAX_LOG_LINES: u32 = 50;
+/// Longest state key; a longer one traps the call.
+pub const MAX_STATE_KEY: u32 = 1024;
+/// Bytes of state values an instance caches before the cache is emptied.
+const MAX_CACHE_BYTES: usize = 16 << 20;
 
 /// Why a module or a batch failed; shown in the consumer's status.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -74,7 +78,22 @@ pub struct HostCtx {
     /// Committed state values read so far (the owner is the only writer, so this cache is
     /// coherent; it is updated after each commit).
     cache: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    cache_bytes: usize,
     log_lines: u32,
+}
+
+impl HostCtx {
+    /// Caches a committed value; the cache is emptied when it holds too many bytes (it is
+    /// only a cache: a miss reads redb).
+    fn cache_insert(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let size = key.len() + value.as_ref().map_or(0, Vec::len) + 32;
+        if self.cache_bytes + size > MAX_CACHE_BYTES {
+            self.cache.clear();
+            self.cache_bytes = 0;
+        }
+        self.cache_bytes += size;
+        self.cache.insert(key, value);
+    }
 }
 
 /// The node's wasm engine and the host functions.
@@ -286,6 +305,7 @@ impl Runtime {
             consumer: consumer.to_string(),
             partition,
             cache: HashMap::new(),
+            cache_bytes: 0,
             log_lines: 0,
         };
         let mut store = Store::new(&self.engine, ctx);
@@ -466,12 +486,9 @@ impl Instance {
 
     /// Records committed state changes in the instance's cache.
     pub fn committed(&mut self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
-        let cache = &mut self.store.data_mut().cache;
+        let ctx = self.store.data_mut();
         for (k, v) in changes {
-            cache.insert(k.clone(), v.clone());
-        }
-        if cache.len() > 100_000 {
-            cache.clear();
+            ctx.cache_insert(k.clone(), v.clone());
         }
     }
 }

@@ -73,7 +73,11 @@ impl Broker {
             }
             (r.latest, r.lock.clone())
         };
-        let guard = lock.lock_owned().await;
+        // The previous holder saves its session and exits once kicked; its socket writes
+        // give up after WRITE_TIMEOUT, so this wait is bounded.
+        let guard = tokio::time::timeout(std::time::Duration::from_secs(30), lock.lock_owned())
+            .await
+            .ok()?;
         let mut reg = self.registry.lock().ok()?;
         let r = reg.get_mut(client_id)?;
         if r.latest != gen_ {

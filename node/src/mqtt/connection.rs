@@ -41,6 +41,9 @@ const PERSIST_EVERY: Duration = Duration::from_secs(1);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Records read per catch-up read.
 const CATCH_UP_BATCH: usize = 512;
+/// A client that does not read its socket for this long is disconnected (a stalled reader
+/// must not hold its task, the session lock or the node's shutdown).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Resolves to the acks to send, in order, once their writes are durable.
 type AckFuture = Pin<Box<dyn Future<Output = Result<Vec<Packet>, StorageError>> + Send>>;
@@ -331,8 +334,19 @@ impl Conn {
         let max_pending = self.broker.settings.max_pending_acks;
         let mut out = Vec::new();
         loop {
-            if let Err(e) = self.pump(&mut out).await {
-                return End::Unclean(e);
+            let pumped = tokio::select! {
+                r = tokio::time::timeout(WRITE_TIMEOUT, self.pump(&mut out)) => r,
+                _ = shutdown.cancelled() => return End::Shutdown,
+                _ = kicked.cancelled() => {
+                    return End::Unclean("another connection took over this client id".into());
+                }
+            };
+            match pumped {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return End::Unclean(e),
+                Err(_) => {
+                    return End::Unclean("the client stopped reading (write timed out)".into());
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return End::Shutdown,
@@ -381,9 +395,12 @@ impl Conn {
                 Some(done) = self.pending_acks.next() => match done {
                     Ok(acks) => {
                         self.unacked -= acks.len();
+                        // Acks free room: the socket is read again, so restart the keepalive
+                        // clock (time spent held back by our own backpressure is not idle).
+                        idle.as_mut().reset(tokio::time::Instant::now() + ka.unwrap_or(far));
                         for p in acks {
-                            if let Err(e) = self.framed.feed(p).await {
-                                return End::Unclean(e.to_string());
+                            if let Err(e) = self.feed(p).await {
+                                return End::Unclean(e);
                             }
                         }
                     }
@@ -486,6 +503,14 @@ impl Conn {
             .catch_up_read(key, batch.log_start.0, records, at_end);
     }
 
+    /// Buffers one packet for the client, giving up on a client that does not read.
+    async fn feed(&mut self, p: Packet) -> Result<(), String> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.framed.feed(p)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("the client stopped reading (write timed out)".into()),
+        }
+    }
+
     /// Queues the read batch's operations as one write request; its acks follow once it is
     /// durable.
     async fn flush(&mut self) -> Result<(), String> {
@@ -528,7 +553,7 @@ impl Conn {
             }
             Packet::PubRec(r) => {
                 if let Some(rel) = self.outbox.on_pubrec(r.pkid) {
-                    self.framed.feed(rel).await.map_err(|e| e.to_string())?;
+                    self.feed(rel).await?;
                 }
                 Ok(())
             }
@@ -557,11 +582,7 @@ impl Conn {
             }
             Packet::Subscribe(s) => self.on_subscribe(s).await,
             Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
-            Packet::PingReq => self
-                .framed
-                .feed(Packet::PingResp)
-                .await
-                .map_err(|e| e.to_string()),
+            Packet::PingReq => self.feed(Packet::PingResp).await,
             Packet::Connect(_) => Err("second CONNECT on one connection".into()),
             other => Err(format!("{} is not sent by clients", kind(&other))),
         }
@@ -585,23 +606,17 @@ impl Conn {
                     return Ok(());
                 }
             }
-            QoS::AtLeastOnce => {
-                if p.dup
-                    && let Some(e) = self.inbound.get(&pkid)
-                    && e.hash == hash
-                {
-                    // Resent after a reconnect, but stored the first time.
-                    self.flush().await?;
-                    self.push_acks(ready(Packet::PubAck(PubAck::new(pkid))), 1);
-                    return Ok(());
-                }
-            }
-            QoS::AtMostOnce => {}
+            // QoS 1 is at least once: a DUP resend is stored again. Deduplicating it on
+            // (packet id, content) would be unsafe: a client reuses a packet id once it got
+            // the PUBACK, so a later identical message that failed to commit would match the
+            // earlier one's entry and be acked without being stored. Devices that need
+            // exactly once use QoS 2, whose state ends with PUBREL.
+            QoS::AtLeastOnce | QoS::AtMostOnce => {}
         }
         let mut ops =
             self.broker
                 .publish_ops(&p.topic, p.payload, p.qos, p.retain, &self.client_id);
-        if p.qos == QoS::ExactlyOnce || (p.qos == QoS::AtLeastOnce && self.persistent) {
+        if p.qos == QoS::ExactlyOnce {
             let entry = InboundEntry {
                 hash,
                 awaiting_release: p.qos == QoS::ExactlyOnce,
@@ -648,6 +663,9 @@ impl Conn {
             if !valid_filter(&f.path) {
                 tracing::info!(client_id = %self.client_id, filter = %f.path, "invalid subscription filter");
                 codes.push(SubscribeReasonCode::Failure);
+            } else if !self.outbox.can_subscribe(&f.path) {
+                tracing::info!(client_id = %self.client_id, filter = %f.path, "too many subscriptions");
+                codes.push(SubscribeReasonCode::Failure);
             } else if !self
                 .broker
                 .may_subscribe(self.username.as_deref(), &self.client_id, &f.path)
@@ -663,10 +681,8 @@ impl Conn {
         if self.persistent && !granted.is_empty() {
             self.persist().await.map_err(|e| e.to_string())?;
         }
-        self.framed
-            .feed(Packet::SubAck(SubAck::new(s.pkid, codes)))
-            .await
-            .map_err(|e| e.to_string())?;
+        self.feed(Packet::SubAck(SubAck::new(s.pkid, codes)))
+            .await?;
         if !granted.is_empty() {
             let storage = self.broker.storage.clone();
             let retained = tokio::task::spawn_blocking(move || storage.retained())
@@ -694,10 +710,7 @@ impl Conn {
         if self.persistent {
             self.persist().await.map_err(|e| e.to_string())?;
         }
-        self.framed
-            .feed(Packet::UnsubAck(UnsubAck::new(u.pkid)))
-            .await
-            .map_err(|e| e.to_string())
+        self.feed(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
     }
 
     /// Flushes pending acks (when the connection is still usable), publishes the will on an

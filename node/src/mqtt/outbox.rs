@@ -56,6 +56,9 @@ pub struct Outbox {
 /// dropped from memory and read back from the log later.
 pub const MAX_PENDING: usize = 4096;
 
+/// Most subscriptions one session may hold (a SUBSCRIBE beyond it gets 0x80).
+pub const MAX_SUBSCRIPTIONS: usize = 1000;
+
 fn qos_num(q: QoS) -> u8 {
     match q {
         QoS::AtMostOnce => 0,
@@ -113,6 +116,11 @@ impl Outbox {
         !self.subs.is_empty()
     }
 
+    /// Whether `filter` can be added (it is already there, or there is room).
+    pub fn can_subscribe(&self, filter: &str) -> bool {
+        self.subs.len() < MAX_SUBSCRIPTIONS || self.subs.iter().any(|(f, _)| f == filter)
+    }
+
     /// Adds or replaces a subscription. `ends` are the current log ends of every partition;
     /// partitions without a cursor start there, so a new subscriber gets only new records.
     pub fn subscribe(&mut self, filter: String, qos: QoS, ends: &[(PartKey, u64)]) {
@@ -160,11 +168,20 @@ impl Outbox {
         self.catch_up.extend(keys);
     }
 
-    /// Queues a retained message matched by a new subscription.
+    /// Queues a retained message matched by a new subscription. One queued entry per topic
+    /// (a repeated SUBSCRIBE replaces it) and at most `MAX_PENDING` in all, so a client
+    /// that subscribes again and again without acking cannot grow the queue.
     pub fn offer_retained(&mut self, m: &RetainedMessage, granted: QoS) {
         let qos = min_qos(qos_from(m.qos), granted);
         let mut p = Publish::from_bytes(m.topic.clone(), qos, m.payload.clone());
         p.retain = true;
+        if let Some(q) = self.retained.iter_mut().find(|q| q.topic == p.topic) {
+            *q = p;
+            return;
+        }
+        if self.retained.len() >= self.max_pending {
+            self.retained.pop_front();
+        }
         self.retained.push_back(p);
     }
 

@@ -182,24 +182,8 @@ impl WriterState {
                         producer,
                         sequence,
                     } => {
+                        // Loaded by `validate` before anything of this request was applied.
                         let key = (topic.clone(), producer);
-                        if !self.producers.contains_key(&key) {
-                            let loaded = self
-                                .db
-                                .begin_read()
-                                .map_err(StorageError::from)
-                                .and_then(|r| super::read_producer(&r, &key.0, &key.1));
-                            match loaded {
-                                Ok(v) => {
-                                    self.producers.insert(key.clone(), v);
-                                }
-                                Err(e) => {
-                                    outcomes.push(OpOutcome::Duplicate);
-                                    tracing::error!(error = %e, "cannot load producer ranges");
-                                    continue;
-                                }
-                            }
-                        }
                         let ranges = self.producers.entry(key.clone()).or_default();
                         if !producer_before.contains_key(&key) {
                             producer_before.insert(key.clone(), ranges.clone());
@@ -457,7 +441,22 @@ impl WriterState {
         }
     }
 
-    fn validate(&self, ops: &[Op], new_topics: &[TopicConfig]) -> Result<(), StorageError> {
+    fn validate(&mut self, ops: &[Op], new_topics: &[TopicConfig]) -> Result<(), StorageError> {
+        // Idempotent producers' ranges are loaded first, so a failed load fails the whole
+        // request instead of half of it.
+        for op in ops {
+            if let Op::AppendOnce {
+                topic, producer, ..
+            } = op
+            {
+                let key = (topic.clone(), producer.clone());
+                if !self.producers.contains_key(&key) {
+                    let rtx = self.db.begin_read()?;
+                    let ranges = super::read_producer(&rtx, topic, producer)?;
+                    self.producers.insert(key, ranges);
+                }
+            }
+        }
         let topics = self
             .topics
             .read()
