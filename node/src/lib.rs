@@ -5,6 +5,7 @@
 pub mod alerts;
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod consumers;
 pub mod metrics;
