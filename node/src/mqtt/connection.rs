@@ -84,6 +84,9 @@ struct Conn {
         PartKey,
         tokio::task::JoinHandle<Result<ReadBatch, StorageError>>,
     )>,
+    /// The live feed of committed records, held only while the session has subscriptions:
+    /// a publish-only device is never woken by other devices' commits.
+    live: Option<broadcast::Receiver<crate::storage::CommittedBatch>>,
 }
 
 /// Runs one connection to its end.
@@ -152,7 +155,6 @@ pub async fn run(
         tracing::debug!(%peer, %client_id, "superseded by a newer connection before start");
         return;
     };
-    let mut live = broker.storage.subscribe_committed();
     let mut conn = Conn {
         broker: broker.clone(),
         framed,
@@ -168,6 +170,7 @@ pub async fn run(
         batch_acks: Vec::new(),
         batch_started: None,
         catch_up: None,
+        live: None,
     };
     let session_present = match conn.load_session().await {
         Ok(p) => p,
@@ -191,9 +194,7 @@ pub async fn run(
         return;
     }
     tracing::debug!(%peer, %client_id, clean_session, session_present, "client connected");
-    let end = conn
-        .main_loop(keep_alive, &mut live, &shutdown, &guard.kicked)
-        .await;
+    let end = conn.main_loop(keep_alive, &shutdown, &guard.kicked).await;
     if let End::Unclean(reason) = &end {
         tracing::debug!(%peer, %client_id, %reason, "connection ended uncleanly");
     }
@@ -284,6 +285,9 @@ impl Conn {
                     .map(|(f, q)| (f, qos_from(q)))
                     .collect();
                 self.outbox.restore(subs, s.cursors);
+                if self.outbox.has_subscriptions() {
+                    self.live = Some(self.broker.storage.subscribe_committed());
+                }
                 Ok(true)
             }
             None => {
@@ -321,7 +325,6 @@ impl Conn {
     async fn main_loop(
         &mut self,
         keep_alive: u16,
-        live: &mut broadcast::Receiver<crate::storage::CommittedBatch>,
         shutdown: &CancellationToken,
         kicked: &CancellationToken,
     ) -> End {
@@ -411,7 +414,12 @@ impl Conn {
                         return End::Unclean(format!("storage error: {e}"));
                     }
                 },
-                batch = live.recv() => match batch {
+                batch = async {
+                    match &mut self.live {
+                        Some(l) => l.recv().await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.live.is_some() => match batch {
                     Ok(batch) => {
                         if self.outbox.has_subscriptions() {
                             for c in batch.iter() {
@@ -641,6 +649,11 @@ impl Conn {
     }
 
     async fn on_subscribe(&mut self, s: Subscribe) -> Result<(), String> {
+        // Join the live feed before reading the log ends, so nothing committed in between
+        // is missed (anything older than the ends is skipped by the cursors).
+        if self.live.is_none() {
+            self.live = Some(self.broker.storage.subscribe_committed());
+        }
         let storage = self.broker.storage.clone();
         // Current log ends: a new subscription starts at "now".
         let ends = tokio::task::spawn_blocking(move || {
@@ -706,6 +719,9 @@ impl Conn {
     async fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), String> {
         for t in &u.topics {
             self.outbox.unsubscribe(t);
+        }
+        if !self.outbox.has_subscriptions() {
+            self.live = None;
         }
         if self.persistent {
             self.persist().await.map_err(|e| e.to_string())?;
