@@ -398,28 +398,18 @@ fn parse_line(n: usize, line: &str, partitions: u32) -> Result<Parsed, String> {
     })
 }
 
-/// `POST /v1/topics/{topic}/records` with one JSON object per line. All lines are checked
-/// before anything is written; the reply comes once every record is durable, and the whole
-/// body is committed atomically.
-pub async fn ingest(
-    State(s): State<AppState>,
-    Path(topic): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let cfg = s
-        .storage
-        .topic(&topic)
-        .ok_or_else(|| StorageError::UnknownTopic(topic.clone()))?;
-    let text = std::str::from_utf8(&body)
+/// Parses an ingest body into append operations (all lines checked before any is written).
+fn parse_body(body: &[u8], topic: &str, partitions: u32) -> Result<Vec<Op>, ApiError> {
+    let text = std::str::from_utf8(body)
         .map_err(|e| ApiError::bad_request(format!("body is not UTF-8: {e}")))?;
-    let name: std::sync::Arc<str> = std::sync::Arc::from(topic.as_str());
+    let name: std::sync::Arc<str> = std::sync::Arc::from(topic);
     let mut ops = Vec::new();
     let mut producers: Vec<std::sync::Arc<str>> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let p = parse_line(i + 1, line, cfg.partitions).map_err(ApiError::bad_request)?;
+        let p = parse_line(i + 1, line, partitions).map_err(ApiError::bad_request)?;
         ops.push(match p.dedup {
             None => Op::Append {
                 topic: name.clone(),
@@ -446,6 +436,24 @@ pub async fn ingest(
             }
         });
     }
+    Ok(ops)
+}
+
+/// `POST /v1/topics/{topic}/records` with one JSON object per line. All lines are checked
+/// before anything is written; the reply comes once every record is durable, and the whole
+/// body is committed atomically.
+pub async fn ingest(
+    State(s): State<AppState>,
+    Path(topic): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let cfg = s
+        .storage
+        .topic(&topic)
+        .ok_or_else(|| StorageError::UnknownTopic(topic.clone()))?;
+    // Parsing a large body is CPU work: keep it off the async workers.
+    let partitions = cfg.partitions;
+    let ops = tokio::task::spawn_blocking(move || parse_body(&body, &topic, partitions)).await??;
     if ops.is_empty() {
         return Err(ApiError::bad_request(
             "body has no records; send one JSON object per line, e.g. {\"subject\": \"s/1\", \"payload\": 21.5}",

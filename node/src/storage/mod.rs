@@ -506,10 +506,8 @@ impl Storage {
         };
         let name = log_table_name(topic, partition.0);
         let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
-        let table = match rtx.open_table(def) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(batch),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, def)? else {
+            return Ok(batch);
         };
         let start = from.0.max(meta.log_start);
         let mut bytes = 0usize;
@@ -542,10 +540,8 @@ impl Storage {
         let meta = read_partition_meta(&rtx, topic, partition.0)?;
         let name = log_table_name(topic, partition.0);
         let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
-        let table = match rtx.open_table(def) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Offset(meta.next_offset)),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, def)? else {
+            return Ok(Offset(meta.next_offset));
         };
         let (mut lo, mut hi) = (meta.log_start, meta.next_offset);
         while lo < hi {
@@ -574,10 +570,8 @@ impl Storage {
     /// Every retained message (blocking); the MQTT layer filters them.
     pub fn retained(&self) -> Result<Vec<RetainedMessage>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
-        let table = match rtx.open_table(RETAINED) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, RETAINED)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for item in table.iter()? {
@@ -595,10 +589,8 @@ impl Storage {
     /// A persistent MQTT session, if one is stored (blocking).
     pub fn session(&self, client_id: &str) -> Result<Option<SessionState>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
-        let table = match rtx.open_table(SESSIONS) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, SESSIONS)? else {
+            return Ok(None);
         };
         match table.get(client_id)? {
             Some(v) => Ok(Some(format::decode(v.value()).map_err(|source| {
@@ -614,10 +606,8 @@ impl Storage {
     /// Inbound packet-id state of a session (blocking).
     pub fn inbound(&self, client_id: &str) -> Result<Vec<(u16, InboundEntry)>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
-        let table = match rtx.open_table(INBOUND) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, INBOUND)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for item in table.range((client_id, 0u16)..=(client_id, u16::MAX))? {
@@ -634,10 +624,8 @@ impl Storage {
     /// Every deployed consumer (blocking).
     pub fn consumers(&self) -> Result<Vec<ConsumerSpec>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
-        let table = match rtx.open_table(CONSUMERS) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, CONSUMERS)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for item in table.iter()? {
@@ -650,10 +638,8 @@ impl Storage {
     /// A stored module's bytes (blocking).
     pub fn module(&self, sha256: &str) -> Result<Option<Bytes>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
-        let table = match rtx.open_table(MODULES) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, MODULES)? else {
+            return Ok(None);
         };
         Ok(table
             .get(sha256)?
@@ -667,10 +653,8 @@ impl Storage {
         partition: u32,
     ) -> Result<Option<Checkpoint>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
-        let table = match rtx.open_table(CHECKPOINTS) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, CHECKPOINTS)? else {
+            return Ok(None);
         };
         match table.get((name, partition))? {
             Some(v) => Ok(Some(decode_in("consumer_checkpoints", v.value())?)),
@@ -686,10 +670,8 @@ impl Storage {
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
-        let table = match rtx.open_table(CONSUMER_STATE) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, CONSUMER_STATE)? else {
+            return Ok(None);
         };
         Ok(table
             .get((name, partition, key))?
@@ -709,10 +691,8 @@ impl Storage {
     /// A side task's delivery cursor (blocking).
     pub fn cursor(&self, name: &str) -> Result<Option<u64>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
-        let table = match rtx.open_table(CURSORS) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(table) = open_opt(&rtx, CURSORS)? else {
+            return Ok(None);
         };
         Ok(table.get(name)?.map(|v| v.value()))
     }
@@ -753,6 +733,18 @@ impl std::future::Future for PendingWrite {
         std::pin::Pin::new(&mut self.0)
             .poll(cx)
             .map(|r| r.unwrap_or(Err(StorageError::ShuttingDown)))
+    }
+}
+
+/// Opens a table for reading; `None` when it was never created (nothing written yet).
+fn open_opt<K: redb::Key + 'static, V: redb::Value + 'static>(
+    rtx: &redb::ReadTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, StorageError> {
+    match rtx.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -864,10 +856,8 @@ fn read_producer(
     topic: &str,
     producer: &str,
 ) -> Result<Vec<(u64, u64)>, StorageError> {
-    let table = match rtx.open_table(PRODUCERS) {
-        Ok(t) => t,
-        Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
+    let Some(table) = open_opt(rtx, PRODUCERS)? else {
+        return Ok(Vec::new());
     };
     match table.get((topic, producer))? {
         Some(v) => decode_in("producers", v.value()),
@@ -880,10 +870,8 @@ fn read_partition_meta(
     topic: &str,
     partition: u32,
 ) -> Result<PartitionMeta, StorageError> {
-    let table = match rtx.open_table(PARTITIONS) {
-        Ok(t) => t,
-        Err(TableError::TableDoesNotExist(_)) => return Ok(PartitionMeta::default()),
-        Err(e) => return Err(e.into()),
+    let Some(table) = open_opt(rtx, PARTITIONS)? else {
+        return Ok(PartitionMeta::default());
     };
     match table.get((topic, partition))? {
         Some(v) => format::decode(v.value()).map_err(|source| StorageError::Corrupt {
