@@ -8,32 +8,12 @@
 #[path = "../src/dataset.rs"]
 mod dataset;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use dataset::{Format, Label, Reading, ReadingWriter};
 
-/// A fresh directory for one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(name: &str) -> TempDir {
-    let dir = std::env::temp_dir().join(format!("shoal-sim-dataset-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
-}
+mod common;
+use common::temp_dir;
 
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
