@@ -11,6 +11,7 @@ pub mod consumers;
 pub mod metrics;
 pub mod mqtt;
 pub mod node;
+pub mod replication;
 pub mod route;
 pub mod storage;
 pub mod types;
