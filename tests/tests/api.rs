@@ -339,3 +339,15 @@ async fn idempotent_ingest_skips_sequences_already_stored() {
     assert_eq!(n.all_records("telemetry").await.len(), 21);
     n.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_body_gets_a_json_413() {
+    let n = TestNode::start().await;
+    let body = vec![b' '; shoal::api::MAX_BODY + 1];
+    let (s, v) = post(&format!("{}/v1/topics/telemetry/records", n.url()), body).await;
+    assert_eq!(s, 413, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("split it"), "{v}");
+    // The node keeps serving.
+    assert_eq!(n.get("/healthz").await["status"], "ok");
+    n.stop().await;
+}

@@ -17,6 +17,7 @@ use crate::consumers::{ALERTS_TOPIC, DeployError, DeployRequest};
 use crate::node::AppState;
 use crate::storage::StartFrom;
 use crate::types::{Offset, PartitionId};
+use axum::extract::rejection::BytesRejection;
 
 impl From<DeployError> for ApiError {
     fn from(e: DeployError) -> ApiError {
@@ -79,8 +80,9 @@ pub async fn deploy(
     State(s): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body?;
     authorize(&s, &headers)?;
     let b: DeployBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(

@@ -10,6 +10,7 @@ mod records;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -66,6 +67,19 @@ impl From<StorageError> for ApiError {
             status,
             message: e.to_string(),
         }
+    }
+}
+
+/// A body that could not be read (too large, cut short) as a JSON error.
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> ApiError {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the body is larger than {MAX_BODY} bytes; split it into several requests")
+        } else {
+            format!("cannot read the body: {}", e.body_text())
+        };
+        ApiError { status, message }
     }
 }
 
@@ -196,7 +210,11 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Strin
     Option::<String>::deserialize(d).map(Some)
 }
 
-async fn create_topic(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn create_topic(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
     let req: CreateTopic = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "body must be JSON like {{\"name\": \"sensors\", \"partitions\": 8}}: {e}"

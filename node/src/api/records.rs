@@ -18,6 +18,7 @@ use crate::route::partition_for;
 use crate::storage::format::HEADER_MQTT_QOS;
 use crate::storage::{NewRecord, Op, OpOutcome, Record, StorageError};
 use crate::types::{Offset, PartitionId};
+use axum::extract::rejection::BytesRejection;
 
 /// Most records one page returns.
 const MAX_LIMIT: usize = 10_000;
@@ -445,8 +446,9 @@ fn parse_body(body: &[u8], topic: &str, partitions: u32) -> Result<Vec<Op>, ApiE
 pub async fn ingest(
     State(s): State<AppState>,
     Path(topic): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body?;
     let cfg = s
         .storage
         .topic(&topic)
