@@ -36,6 +36,8 @@ pub struct AppState {
     pub api_token: Option<String>,
     pub ready: Arc<AtomicBool>,
     pub shutdown: CancellationToken,
+    /// This node as a cluster member (today the only one).
+    pub me: crate::cluster::Member,
 }
 
 impl Node {
@@ -92,7 +94,7 @@ impl Node {
             limits,
             tracker.clone(),
             shutdown.clone(),
-            node_name,
+            node_name.clone(),
         )
         .await?;
         let broker = Broker::new(storage.clone(), routes, config.mqtt.clone());
@@ -109,6 +111,14 @@ impl Node {
             api_token: config.api_token.clone(),
             ready: ready.clone(),
             shutdown: shutdown.clone(),
+            me: crate::cluster::Member {
+                node_id: node_name.clone(),
+                origin: storage.origin().to_string(),
+                mqtt_addr: mqtt_addr.to_string(),
+                http_addr: http_addr.to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                live: true,
+            },
         };
         let app = crate::api::router(state);
         let stop = shutdown.clone();

@@ -180,3 +180,29 @@ async fn unreachable_node_and_seed_flag_give_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("clustering is not available"));
 }
+
+#[tokio::test]
+async fn cluster_shows_this_node_and_partition_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Process::spawn(dir.path(), &["--node-id", "gw-1"])
+        .await
+        .unwrap();
+    let v = shoal_tests::http_get(&node.url(), "/v1/cluster").await;
+    assert_eq!(v["members"][0]["node_id"], "gw-1");
+    assert_eq!(v["members"][0]["live"], true);
+    let parts = v["partitions"].as_array().unwrap();
+    let telemetry: Vec<_> = parts.iter().filter(|p| p["topic"] == "telemetry").collect();
+    assert_eq!(telemetry.len(), 8);
+    assert!(
+        telemetry
+            .iter()
+            .all(|p| p["owner"] == "gw-1" && p["under_replicated"] == true)
+    );
+    let (ok, out, err) = shoal(&node.url(), &["cluster"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("gw-1") && out.contains("fewer live replicas"),
+        "{out}"
+    );
+    let _ = node.terminate().await;
+}

@@ -98,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route("/v1/topics/{topic}", get(describe_topic))
         .route(
@@ -180,6 +181,30 @@ fn topic_json(t: &TopicConfig) -> Value {
         "created_ms": t.created_ms,
         "internal": t.name.starts_with('_'),
     })
+}
+
+/// `GET /v1/cluster`: members with liveness, and where every partition lives.
+async fn cluster(State(s): State<AppState>) -> axum::Json<Value> {
+    use crate::cluster::placement::{NodeId, replicas};
+    let live = vec![NodeId(s.me.node_id.clone())];
+    let mut partitions = Vec::new();
+    for t in s.storage.topics() {
+        for p in 0..t.partitions {
+            let r = replicas(&live, &t.name, p, t.replication_factor);
+            partitions.push(json!({
+                "topic": t.name,
+                "partition": p,
+                "replication_factor": t.replication_factor,
+                "replicas": r.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+                "owner": r.first().map(|n| n.0.clone()),
+                "under_replicated": (r.len() as u32) < t.replication_factor,
+            }));
+        }
+    }
+    axum::Json(json!({
+        "members": [s.me],
+        "partitions": partitions,
+    }))
 }
 
 async fn list_topics(State(s): State<AppState>) -> axum::Json<Value> {

@@ -304,3 +304,55 @@ pub(super) async fn alerts(
         }
     }
 }
+
+pub(super) async fn cluster(url: &str) -> anyhow::Result<()> {
+    let c = http()?;
+    let base = url.trim_end_matches('/');
+    let v = call(c.get(format!("{base}/v1/cluster")), base).await?;
+    println!(
+        "{:<20} {:<6} {:<17} {:<22} {:<22}",
+        "NODE", "LIVE", "ORIGIN", "MQTT", "HTTP"
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<6} {:<17} {:<22} {:<22}",
+            m["node_id"].as_str().unwrap_or("?"),
+            if m["live"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "no"
+            },
+            m["origin"].as_str().unwrap_or("?"),
+            m["mqtt_addr"].as_str().unwrap_or("?"),
+            m["http_addr"].as_str().unwrap_or("?"),
+        );
+    }
+    println!();
+    println!(
+        "{:<24} {:>9} {:<20} REPLICAS",
+        "TOPIC", "PARTITION", "OWNER"
+    );
+    let mut under = 0;
+    for p in v["partitions"].as_array().into_iter().flatten() {
+        if p["under_replicated"].as_bool().unwrap_or(false) {
+            under += 1;
+        }
+        let replicas: Vec<&str> = p["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str())
+            .collect();
+        println!(
+            "{:<24} {:>9} {:<20} {}",
+            p["topic"].as_str().unwrap_or("?"),
+            p["partition"].as_u64().unwrap_or(0),
+            p["owner"].as_str().unwrap_or("-"),
+            replicas.join(",")
+        );
+    }
+    if under > 0 {
+        println!("\n{under} partitions have fewer live replicas than their replication factor");
+    }
+    Ok(())
+}

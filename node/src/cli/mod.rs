@@ -51,6 +51,11 @@ enum Command {
         #[arg(long, env = "SHOAL_API_TOKEN", global = true, hide_env_values = true)]
         token: Option<String>,
     },
+    /// Members with liveness, and where every partition lives (replicas, owner).
+    Cluster {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Print alerts as JSON lines.
     Alerts {
         /// Keep waiting for new alerts (Ctrl-C to stop).
@@ -217,6 +222,7 @@ pub fn main() -> ExitCode {
                 api,
                 token,
             } => client::consumer(&api.url, token.as_deref(), command).await,
+            Command::Cluster { api } => client::cluster(&api.url).await,
             Command::Alerts {
                 follow,
                 from,
