@@ -150,6 +150,20 @@ pub struct RouteSettings {
     pub key: String,
 }
 
+impl TopicSettings {
+    /// A topic with the default settings (8 partitions, RF 3, acks quorum, 7 days).
+    pub fn defaults(name: &str) -> TopicSettings {
+        TopicSettings {
+            name: name.to_string(),
+            partitions: default_partitions(),
+            replication_factor: default_rf(),
+            acks: Acks::Quorum,
+            retention: default_retention(),
+            retention_bytes: None,
+        }
+    }
+}
+
 fn default_partitions() -> u32 {
     8
 }
@@ -251,17 +265,7 @@ impl Config {
             topics.push(t.to_topic_config()?);
         }
         if !topics.iter().any(|t| t.name == DEFAULT_TOPIC) {
-            topics.push(
-                TopicSettings {
-                    name: DEFAULT_TOPIC.into(),
-                    partitions: default_partitions(),
-                    replication_factor: default_rf(),
-                    acks: Acks::Quorum,
-                    retention: default_retention(),
-                    retention_bytes: None,
-                }
-                .to_topic_config()?,
-            );
+            topics.push(TopicSettings::defaults(DEFAULT_TOPIC).to_topic_config()?);
         }
         for r in &self.routes {
             if !crate::mqtt::topic::valid_filter(&r.filter) {
@@ -275,17 +279,7 @@ impl Config {
             crate::route::KeyTemplate::parse(&r.key)
                 .map_err(|e| ConfigError(format!("[[routes]] key {:?}: {e}", r.key)))?;
             if !topics.iter().any(|t| t.name == r.topic) {
-                topics.push(
-                    TopicSettings {
-                        name: r.topic.clone(),
-                        partitions: default_partitions(),
-                        replication_factor: default_rf(),
-                        acks: Acks::Quorum,
-                        retention: default_retention(),
-                        retention_bytes: None,
-                    }
-                    .to_topic_config()?,
-                );
+                topics.push(TopicSettings::defaults(&r.topic).to_topic_config()?);
             }
         }
         for a in &self.mqtt.acl {

@@ -145,10 +145,8 @@ async fn sigterm_finishes_in_flight_commits_and_exits_cleanly() {
     .await;
 }
 
-#[tokio::test]
-async fn corrupt_or_foreign_data_dir_stops_startup_with_a_message() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("shoal.redb"), vec![7u8; 10_000]).unwrap();
+/// Runs `shoal up` on `dir`, which must refuse to start; returns its stderr.
+async fn refused_start(dir: &std::path::Path) -> String {
     let out = tokio::process::Command::new(shoal_bin())
         .args([
             "up",
@@ -158,12 +156,19 @@ async fn corrupt_or_foreign_data_dir_stops_startup_with_a_message() {
             "127.0.0.1:0",
             "--data-dir",
         ])
-        .arg(dir.path())
+        .arg(dir)
         .output()
         .await
         .unwrap();
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn corrupt_or_foreign_data_dir_stops_startup_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shoal.redb"), vec![7u8; 10_000]).unwrap();
+    let err = refused_start(dir.path()).await;
     assert!(
         err.contains("shoal.redb") && err.contains("corrupt"),
         "{err}"
@@ -172,21 +177,7 @@ async fn corrupt_or_foreign_data_dir_stops_startup_with_a_message() {
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("photo.jpg"), b"x").unwrap();
-    let out = tokio::process::Command::new(shoal_bin())
-        .args([
-            "up",
-            "--mqtt-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(dir.path()).await;
     assert!(
         err.contains("not a Shoal data directory") && err.contains("photo.jpg"),
         "{err}"
@@ -225,7 +216,6 @@ async fn config_file_and_environment_are_applied() {
         err.contains("shoal.toml") && err.contains("max_packet_sise"),
         "{err}"
     );
-    let _: HashSet<()> = HashSet::new();
 }
 
 /// SIGKILL the node while a consumer is mid-stream: after a restart it resumes from its

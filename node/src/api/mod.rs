@@ -246,10 +246,11 @@ async fn create_topic(
         ))
     })?;
     validate_topic_name(&req.name, false).map_err(ApiError::bad_request)?;
-    let retention_ms = match req.retention {
-        None => Some(7 * 86_400_000),
-        Some(None) => None,
-        Some(Some(text)) => Some(
+    let defaults = crate::config::TopicSettings::defaults(&req.name);
+    // Absent: the default; explicit null: keep forever.
+    let retention_ms = match req.retention.unwrap_or(defaults.retention) {
+        None => None,
+        Some(text) => Some(
             parse_duration(&text)
                 .map_err(|e| ApiError::bad_request(format!("retention {text:?}: {e}")))?
                 .as_millis() as u64,
@@ -265,13 +266,15 @@ async fn create_topic(
             "retention_bytes must be at least 4096",
         ));
     }
-    let partitions = req.partitions.unwrap_or(8);
+    let partitions = req.partitions.unwrap_or(defaults.partitions);
     if partitions == 0 || partitions > 4096 {
         return Err(ApiError::bad_request(format!(
             "partitions must be between 1 and 4096, not {partitions}"
         )));
     }
-    let rf = req.replication_factor.unwrap_or(3);
+    let rf = req
+        .replication_factor
+        .unwrap_or(defaults.replication_factor);
     if rf == 0 {
         return Err(ApiError::bad_request(
             "replication_factor must be at least 1",
@@ -281,7 +284,7 @@ async fn create_topic(
         name: req.name,
         partitions,
         replication_factor: rf,
-        acks: req.acks.unwrap_or_default(),
+        acks: req.acks.unwrap_or(defaults.acks),
         retention_ms,
         retention_bytes: req.retention_bytes,
         created_ms: now_ms(),

@@ -420,11 +420,6 @@ impl Storage {
         self.enqueue(ops).await?.await
     }
 
-    /// Number of write requests waiting in the queue.
-    pub fn queue_len(&self) -> usize {
-        self.inner.tx.max_capacity() - self.inner.tx.capacity()
-    }
-
     /// Creates a topic; fails with [`StorageError::TopicExists`] if it exists.
     pub async fn create_topic(&self, config: TopicConfig) -> Result<TopicConfig, StorageError> {
         self.write(vec![Op::CreateTopic(config.clone())]).await?;
@@ -676,16 +671,6 @@ impl Storage {
         Ok(table
             .get((name, partition, key))?
             .map(|v| v.value().to_vec()))
-    }
-
-    /// Committed sequence ranges of an idempotent producer on a topic (blocking).
-    pub fn producer_ranges(
-        &self,
-        topic: &str,
-        producer: &str,
-    ) -> Result<Vec<(u64, u64)>, StorageError> {
-        let rtx = self.inner.db.begin_read()?;
-        read_producer(&rtx, topic, producer)
     }
 
     /// A side task's delivery cursor (blocking).

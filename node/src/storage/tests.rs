@@ -92,7 +92,8 @@ async fn group_commit_folds_concurrent_appends() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
     s.create_topic(topic("t", 4)).await.unwrap();
-    let commits_before = crate::metrics::METRICS.storage_commits.get();
+    // This storage's own commit counter (the metric is process-wide).
+    let commits_before = *s.watch_commits().borrow();
     let mut tasks = Vec::new();
     for i in 0..64u32 {
         let s = s.clone();
@@ -120,10 +121,14 @@ async fn group_commit_folds_concurrent_appends() {
         total += b.records.len();
     }
     assert_eq!(total, 64 * 50);
-    // Not a timing assertion: 3,200 single-record requests from 64 tasks must have shared
-    // transactions (the metric is process-wide, so other tests can only add to it).
-    let commits = crate::metrics::METRICS.storage_commits.get() - commits_before;
-    assert!(commits > 0);
+    // 3,200 single-record requests from 64 concurrent tasks: the writer folds requests that
+    // queue up while it commits, so there are fewer transactions than requests.
+    let commits = *s.watch_commits().borrow() - commits_before;
+    eprintln!("{commits} commits for 3,200 requests");
+    assert!(
+        commits > 0 && commits < 3200,
+        "{commits} commits for 3,200 requests"
+    );
     s.shutdown().await;
 }
 
