@@ -23,12 +23,13 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub mqtt_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    /// Peer replication address (used once clustering lands).
+    /// Peer replication (TCP) listen address.
     pub peer_addr: SocketAddr,
-    /// Gossip UDP address (used once clustering lands).
+    /// Gossip (UDP) listen address.
     pub gossip_addr: SocketAddr,
-    /// Seed nodes to join (clustering).
+    /// Gossip addresses of cluster members to join (`HOST:PORT`); empty = start a new cluster.
     pub seeds: Vec<String>,
+    pub cluster: ClusterSettings,
     pub storage: StorageSettings,
     pub mqtt: MqttSettings,
     /// Topic declarations; created at start-up when missing.
@@ -39,6 +40,45 @@ pub struct Config {
     /// When set, deploying and removing consumers needs `Authorization: Bearer <token>`.
     pub api_token: Option<String>,
     pub consumers: ConsumerSettings,
+}
+
+/// Membership and replication settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Nodes only gossip and replicate with nodes of the same cluster id.
+    pub cluster_id: String,
+    /// Host (name or IP) other nodes use to reach this one. Default: the listen IP, or,
+    /// when listening on 0.0.0.0, the local IP that routes to the first seed (127.0.0.1
+    /// without seeds).
+    pub advertise_host: Option<String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub gossip_interval: Duration,
+    /// Phi-accrual threshold above which a silent node is declared dead.
+    pub phi_threshold: f64,
+    /// How long a dead node is remembered (it still counts towards `min(R, members)`).
+    #[serde(with = "humantime_serde_compat")]
+    pub dead_node_grace: Duration,
+    /// How often replicas compare version vectors (also run on every membership change).
+    #[serde(with = "humantime_serde_compat")]
+    pub anti_entropy_interval: Duration,
+    /// How long a client write waits for its acks policy before it is refused unacked.
+    #[serde(with = "humantime_serde_compat")]
+    pub ack_timeout: Duration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            cluster_id: "shoal".into(),
+            advertise_host: None,
+            gossip_interval: Duration::from_millis(200),
+            phi_threshold: 8.0,
+            dead_node_grace: Duration::from_secs(3600),
+            anti_entropy_interval: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Sandbox limits of WebAssembly consumers.
@@ -187,6 +227,7 @@ impl Default for Config {
             peer_addr: ([0, 0, 0, 0], 7070).into(),
             gossip_addr: ([0, 0, 0, 0], 7946).into(),
             seeds: Vec::new(),
+            cluster: ClusterSettings::default(),
             storage: StorageSettings::default(),
             mqtt: MqttSettings::default(),
             topics: Vec::new(),
@@ -251,6 +292,35 @@ impl Config {
             return Err(ConfigError(
                 "storage.queue_depth and storage.max_batch_ops must be at least 1".into(),
             ));
+        }
+        for seed in &self.seeds {
+            let ok = seed
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(ConfigError(format!(
+                    "seed {seed:?} is not HOST:PORT (the gossip address of a cluster member, e.g. 10.0.0.5:7946)"
+                )));
+            }
+        }
+        let c = &self.cluster;
+        if c.cluster_id.is_empty() || c.cluster_id.len() > 64 {
+            return Err(ConfigError(
+                "cluster.cluster_id must be 1 to 64 characters".into(),
+            ));
+        }
+        if c.gossip_interval < Duration::from_millis(10)
+            || c.anti_entropy_interval < Duration::from_millis(50)
+            || c.ack_timeout < Duration::from_millis(10)
+        {
+            return Err(ConfigError(
+                "cluster: gossip_interval >= 10ms, anti_entropy_interval >= 50ms and \
+                 ack_timeout >= 10ms are required"
+                    .into(),
+            ));
+        }
+        if c.phi_threshold.is_nan() || c.phi_threshold <= 0.0 {
+            return Err(ConfigError("cluster.phi_threshold must be > 0".into()));
         }
         let mut topics: Vec<TopicConfig> = Vec::new();
         for t in &self.topics {

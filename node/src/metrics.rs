@@ -34,6 +34,11 @@ pub struct Metrics {
     pub consumer_lag: Family<ConsumerLabel, Gauge>,
     pub webhook_deliveries: Counter,
     pub webhook_failures: Counter,
+    pub replication_records_sent: Counter,
+    pub replication_records_received: Counter,
+    pub replication_records_pushed: Counter,
+    pub replication_ack_timeouts: Counter,
+    pub replication_handoff_records: Counter,
 }
 
 /// The `consumer` label of per-consumer metrics.
@@ -71,8 +76,38 @@ impl Metrics {
             consumer_lag: Family::default(),
             webhook_deliveries: Counter::default(),
             webhook_failures: Counter::default(),
+            replication_records_sent: Counter::default(),
+            replication_records_received: Counter::default(),
+            replication_records_pushed: Counter::default(),
+            replication_ack_timeouts: Counter::default(),
+            replication_handoff_records: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "replication_records_sent",
+            "Records sent to peers (live, resends and anti-entropy pushes)",
+            m.replication_records_sent.clone(),
+        );
+        registry.register(
+            "replication_records_received",
+            "Records received from peers (before deduplication)",
+            m.replication_records_received.clone(),
+        );
+        registry.register(
+            "replication_records_pushed",
+            "Records sent by resends and anti-entropy pushes",
+            m.replication_records_pushed.clone(),
+        );
+        registry.register(
+            "replication_ack_timeouts",
+            "Client writes refused because the acks policy was not met in time",
+            m.replication_ack_timeouts.clone(),
+        );
+        registry.register(
+            "replication_handoff_records",
+            "Records dropped after handoff to the current replicas",
+            m.replication_handoff_records.clone(),
+        );
         registry.register(
             "storage_commits",
             "Write transactions committed (each one fsync)",

@@ -12,9 +12,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Membership;
+use crate::cluster::membership::Advertised;
 use crate::config::Config;
 use crate::consumers::{Consumers, Limits};
 use crate::mqtt::Broker;
+use crate::replication::Replication;
 use crate::route::RouteTable;
 use crate::storage::{Op, Storage, StorageConfig, StorageError};
 use crate::types::now_ms;
@@ -23,9 +26,13 @@ use crate::types::now_ms;
 pub struct Node {
     pub mqtt_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    /// Gossip address to give other nodes' `--seed`.
+    pub gossip_addr: SocketAddr,
     storage: Storage,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    membership: Option<Membership>,
 }
 
 /// State the HTTP API handlers share.
@@ -36,20 +43,15 @@ pub struct AppState {
     pub api_token: Option<String>,
     pub ready: Arc<AtomicBool>,
     pub shutdown: CancellationToken,
-    /// This node as a cluster member (today the only one).
-    pub me: crate::cluster::Member,
+    /// This node's view of the cluster.
+    pub view: tokio::sync::watch::Receiver<Arc<crate::cluster::View>>,
+    pub replication: Replication,
 }
 
 impl Node {
     /// Starts a node; returns once both listeners are bound and the node is ready.
     pub async fn start(config: Config) -> anyhow::Result<Node> {
         let topics = config.validate()?;
-        if !config.seeds.is_empty() {
-            anyhow::bail!(
-                "--seed was given, but this build of shoal runs a single node only; \
-                 clustering is not available yet. Remove --seed (and SHOAL_SEED)"
-            );
-        }
         let routes = RouteTable::new(&config.routes).map_err(anyhow::Error::msg)?;
         let mut sc = StorageConfig::new(&config.data_dir);
         sc.cache_bytes = config.storage.cache_mb << 20;
@@ -74,8 +76,12 @@ impl Node {
         let http = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("cannot listen for HTTP on {}", config.http_addr))?;
+        let peer = TcpListener::bind(config.peer_addr)
+            .await
+            .with_context(|| format!("cannot listen for peers on {}", config.peer_addr))?;
         let mqtt_addr = mqtt.local_addr()?;
         let http_addr = http.local_addr()?;
+        let peer_addr = peer.local_addr()?;
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let node_name = config.node_id.clone().unwrap_or_else(|| {
@@ -97,7 +103,40 @@ impl Node {
             node_name.clone(),
         )
         .await?;
-        let broker = Broker::new(storage.clone(), routes, config.mqtt.clone());
+        let membership = Membership::start(
+            &config.cluster,
+            config.gossip_addr,
+            &config.seeds,
+            Advertised {
+                node_id: node_name.clone(),
+                origin: storage.origin().0,
+                mqtt: mqtt_addr,
+                http: http_addr,
+                peer: peer_addr,
+            },
+            storage.clone(),
+            &tracker,
+            shutdown.clone(),
+        )
+        .await?;
+        let gossip_addr = membership.gossip_addr;
+        let replication = Replication::start(
+            storage.clone(),
+            node_name.clone(),
+            config.cluster.cluster_id.clone(),
+            membership.view.clone(),
+            peer,
+            config.cluster.ack_timeout,
+            config.cluster.anti_entropy_interval,
+            tracker.clone(),
+            shutdown.clone(),
+        );
+        let broker = Broker::new(
+            storage.clone(),
+            routes,
+            config.mqtt.clone(),
+            replication.clone(),
+        );
         tracker.spawn(crate::mqtt::serve(
             mqtt,
             broker,
@@ -111,14 +150,8 @@ impl Node {
             api_token: config.api_token.clone(),
             ready: ready.clone(),
             shutdown: shutdown.clone(),
-            me: crate::cluster::Member {
-                node_id: node_name.clone(),
-                origin: storage.origin().to_string(),
-                mqtt_addr: mqtt_addr.to_string(),
-                http_addr: http_addr.to_string(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                live: true,
-            },
+            view: membership.view.clone(),
+            replication,
         };
         let app = crate::api::router(state);
         let stop = shutdown.clone();
@@ -150,6 +183,8 @@ impl Node {
         tracing::info!(
             mqtt = %mqtt_addr,
             http = %http_addr,
+            peer = %peer_addr,
+            gossip = %gossip_addr,
             data_dir = %config.data_dir.display(),
             origin = %storage.origin(),
             "shoal node ready"
@@ -157,9 +192,12 @@ impl Node {
         Ok(Node {
             mqtt_addr,
             http_addr,
+            peer_addr,
+            gossip_addr,
             storage,
             shutdown,
             tracker,
+            membership: Some(membership),
         })
     }
 
@@ -168,7 +206,10 @@ impl Node {
     }
 
     /// Graceful stop: no new connections, pending acks flushed, queued writes committed.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        if let Some(m) = self.membership.take() {
+            m.shutdown().await;
+        }
         self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;

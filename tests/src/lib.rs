@@ -26,6 +26,8 @@ pub fn test_config(data_dir: &Path) -> Config {
         data_dir: data_dir.to_path_buf(),
         mqtt_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: "127.0.0.1:0".parse().expect("addr"),
+        peer_addr: "127.0.0.1:0".parse().expect("addr"),
+        gossip_addr: "127.0.0.1:0".parse().expect("addr"),
         ..Config::default()
     }
 }
@@ -359,6 +361,8 @@ pub struct Process {
     pub child: tokio::process::Child,
     pub mqtt: SocketAddr,
     pub http: SocketAddr,
+    /// Gossip address (for other nodes' `--seed`).
+    pub gossip: SocketAddr,
     pub log: mpsc::UnboundedReceiver<String>,
 }
 
@@ -374,6 +378,10 @@ impl Process {
                 "--mqtt-addr",
                 "127.0.0.1:0",
                 "--http-addr",
+                "127.0.0.1:0",
+                "--peer-addr",
+                "127.0.0.1:0",
+                "--gossip-addr",
                 "127.0.0.1:0",
                 "--log",
                 "info",
@@ -417,6 +425,7 @@ impl Process {
         Ok(Process {
             mqtt: field("mqtt")?,
             http: field("http")?,
+            gossip: field("gossip")?,
             child,
             log,
         })

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -58,7 +58,9 @@ impl From<StorageError> for ApiError {
             }
             StorageError::TopicExists(_) => StatusCode::CONFLICT,
             StorageError::InvalidTopic(_) => StatusCode::BAD_REQUEST,
-            StorageError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            StorageError::ShuttingDown | StorageError::NotReplicated(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             StorageError::Failed(_) | StorageError::Db(_) | StorageError::Corrupt { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -185,24 +187,41 @@ fn topic_json(t: &TopicConfig) -> Value {
 
 /// `GET /v1/cluster`: members with liveness, and where every partition lives.
 async fn cluster(State(s): State<AppState>) -> axum::Json<Value> {
-    use crate::cluster::placement::{NodeId, replicas};
-    let live = vec![NodeId(s.me.node_id.clone())];
+    let view = s.view.borrow().clone();
     let mut partitions = Vec::new();
     for t in s.storage.topics() {
         for p in 0..t.partitions {
-            let r = replicas(&live, &t.name, p, t.replication_factor);
+            let r = view.replicas(&t.name, p, t.replication_factor);
             partitions.push(json!({
                 "topic": t.name,
                 "partition": p,
                 "replication_factor": t.replication_factor,
-                "replicas": r.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
-                "owner": r.first().map(|n| n.0.clone()),
+                "replicas": r,
+                "owner": r.first(),
                 "under_replicated": (r.len() as u32) < t.replication_factor,
             }));
         }
     }
+    let members: Vec<Value> = view
+        .members
+        .values()
+        .map(|m| {
+            json!({
+                "node_id": m.node_id,
+                "self": m.node_id == view.me,
+                "live": m.live,
+                "origin": format!("{:016x}", m.origin),
+                "generation": m.generation,
+                "mqtt_addr": m.mqtt_addr,
+                "http_addr": m.http_addr,
+                "peer_addr": m.peer_addr.map(|a| a.to_string()),
+                "version": m.version,
+            })
+        })
+        .collect();
     axum::Json(json!({
-        "members": [s.me],
+        "node_id": view.me,
+        "members": members,
         "partitions": partitions,
     }))
 }
@@ -293,9 +312,92 @@ async fn create_topic(
     Ok((StatusCode::CREATED, axum::Json(topic_json(&cfg))).into_response())
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DescribeQuery {
+    /// `local`: only this node's copy (what peers ask each other for).
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+fn vv_json(vv: &[(u64, u64)]) -> Value {
+    vv.iter()
+        .map(|(o, s)| (format!("{o:016x}"), json!(s)))
+        .collect::<serde_json::Map<String, Value>>()
+        .into()
+}
+
+/// Every replica's version vector and digest of each partition, asked of the replicas
+/// themselves (`scope=local`), so convergence can be checked from any node.
+async fn replica_views(s: &AppState, topic: &str, out: &mut Value) {
+    let view = s.view.borrow().clone();
+    let Some(cfg) = s.storage.topic(topic) else {
+        return;
+    };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .build();
+    let mut remote: std::collections::HashMap<String, Value> = Default::default();
+    let nodes: std::collections::BTreeSet<String> = (0..cfg.partitions)
+        .flat_map(|p| view.replicas(topic, p, cfg.replication_factor))
+        .filter(|n| *n != view.me)
+        .collect();
+    if let Ok(client) = client {
+        let asks = nodes.iter().filter_map(|n| {
+            let m = view.peer(n)?;
+            let url = format!("http://{}/v1/topics/{topic}?scope=local", m.http_addr);
+            let client = client.clone();
+            let n = n.clone();
+            Some(async move {
+                let v = async { client.get(url).send().await?.json::<Value>().await }.await;
+                (n, v.ok())
+            })
+        });
+        for (n, v) in futures::future::join_all(asks).await {
+            if let Some(v) = v {
+                remote.insert(n, v);
+            }
+        }
+    }
+    let Some(parts) = out["partitions_detail"].as_array_mut() else {
+        return;
+    };
+    for (p, part) in parts.iter_mut().enumerate() {
+        let replicas = view.replicas(topic, p as u32, cfg.replication_factor);
+        let list: Vec<Value> = replicas
+            .iter()
+            .map(|n| {
+                let detail = if *n == view.me {
+                    Some(part.clone())
+                } else {
+                    remote.get(n).map(|v| v["partitions_detail"][p].clone())
+                };
+                match detail {
+                    Some(d) => json!({
+                        "node_id": n,
+                        "reachable": true,
+                        "version_vector": d["version_vector"],
+                        "digest": d["digest"],
+                        "records": d["records"],
+                    }),
+                    None => json!({ "node_id": n, "reachable": false }),
+                }
+            })
+            .collect();
+        let digests: std::collections::BTreeSet<String> = list
+            .iter()
+            .filter_map(|r| r["digest"].as_str().map(String::from))
+            .collect();
+        part["replicas"] = json!(list);
+        part["converged"] =
+            json!(digests.len() == 1 && list.iter().all(|r| r["reachable"] == json!(true)));
+    }
+}
+
 async fn describe_topic(
     State(s): State<AppState>,
     Path(topic): Path<String>,
+    Query(q): Query<DescribeQuery>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let cfg = s
         .storage
@@ -324,9 +426,8 @@ async fn describe_topic(
                 "next_offset": m.next_offset,
                 "records": m.next_offset - m.log_start,
                 "bytes": m.bytes,
-                "version_vector": m.version_vector.iter()
-                    .map(|(o, s)| (format!("{o:016x}"), json!(s)))
-                    .collect::<serde_json::Map<String, Value>>(),
+                "version_vector": vv_json(&m.version_vector),
+                "digest": format!("{:016x}", crate::replication::digest(&m.version_vector)),
             })
         })
         .collect();
@@ -337,5 +438,15 @@ async fn describe_topic(
             .sum::<u64>()
     );
     out["bytes"] = json!(metas.iter().map(|m| m.bytes).sum::<u64>());
+    out["node_id"] = json!(s.view.borrow().me);
+    match q.scope.as_deref() {
+        Some("local") => {}
+        None => replica_views(&s, &topic, &mut out).await,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "scope={other:?}: use scope=local or leave it out"
+            )));
+        }
+    }
     Ok(axum::Json(out))
 }

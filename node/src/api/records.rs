@@ -461,7 +461,17 @@ pub async fn ingest(
             "body has no records; send one JSON object per line, e.g. {\"subject\": \"s/1\", \"payload\": 21.5}",
         ));
     }
+    let topic_arc: std::sync::Arc<str> = std::sync::Arc::from(cfg.name.as_str());
     let outcomes = s.storage.write(ops).await?;
+    // The reply waits for the topic's acks policy (I4); 503 when it is not met in time.
+    let writes: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            OpOutcome::Appended { partition, id, .. } => Some((topic_arc.clone(), *partition, *id)),
+            _ => None,
+        })
+        .collect();
+    s.replication.wait(&writes).await?;
     let duplicates = outcomes
         .iter()
         .filter(|o| matches!(o, OpOutcome::Duplicate))

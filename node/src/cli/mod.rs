@@ -16,12 +16,14 @@ use crate::config::Config;
 #[command(
     name = "shoal",
     version,
+    args_override_self = true,
     about = "Shoal: an MQTT server whose every message lands in a durable, partitioned, replayable log",
     long_about = "Shoal takes MQTT straight from devices and stores every publish in a durable, \
                   partitioned log (redb) you can read back by offset or time.\n\n\
                   Start a node:      shoal up\n\
                   Publish:           mosquitto_pub -t sensors/1/temp -m 21.5 -q 1\n\
-                  Read it back:      shoal consume telemetry --from beginning"
+                  Read it back:      shoal consume telemetry --from beginning\n\
+                  Join a cluster:    shoal up --seed OTHER_HOST:7946"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -130,15 +132,23 @@ struct UpArgs {
     /// HTTP API listen address [default: 0.0.0.0:8080]
     #[arg(long, env = "SHOAL_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
-    /// Peer replication address, for clustering [default: 0.0.0.0:7070]
+    /// Peer replication (TCP) listen address [default: 0.0.0.0:7070]
     #[arg(long, env = "SHOAL_PEER_ADDR")]
     peer_addr: Option<SocketAddr>,
-    /// Gossip address, for clustering [default: 0.0.0.0:7946]
+    /// Gossip (UDP) listen address; give it to other nodes' --seed [default: 0.0.0.0:7946]
     #[arg(long, env = "SHOAL_GOSSIP_ADDR")]
     gossip_addr: Option<SocketAddr>,
-    /// A cluster member to join, HOST:PORT (repeatable; clustering is not in this build).
+    /// Gossip address (HOST:PORT) of a member of the cluster to join; repeatable or
+    /// comma-separated. Without it the node starts a new cluster of its own.
     #[arg(long = "seed", env = "SHOAL_SEED", value_delimiter = ',')]
     seeds: Vec<String>,
+    /// Cluster name; nodes with another cluster id are kept out [default: shoal]
+    #[arg(long, env = "SHOAL_CLUSTER_ID")]
+    cluster_id: Option<String>,
+    /// Host or IP other nodes use to reach this one [default: the listen IP, or the
+    /// address that routes to the first seed when listening on 0.0.0.0]
+    #[arg(long, env = "SHOAL_ADVERTISE_HOST")]
+    advertise_host: Option<String>,
     /// TOML file with any setting (see README.md, "Configuration").
     #[arg(long, env = "SHOAL_CONFIG")]
     config: Option<PathBuf>,
@@ -282,6 +292,12 @@ fn build_config(args: &UpArgs) -> anyhow::Result<Config> {
     }
     if !args.seeds.is_empty() {
         config.seeds = args.seeds.clone();
+    }
+    if let Some(v) = &args.cluster_id {
+        config.cluster.cluster_id = v.clone();
+    }
+    if let Some(v) = &args.advertise_host {
+        config.cluster.advertise_host = Some(v.clone());
     }
     Ok(config)
 }

@@ -34,6 +34,7 @@ pub struct Broker {
     pub storage: Storage,
     pub routes: RouteTable,
     pub settings: MqttSettings,
+    pub replication: crate::replication::Replication,
     registry: Mutex<HashMap<String, Registration>>,
 }
 
@@ -45,11 +46,17 @@ pub struct SessionGuard {
 }
 
 impl Broker {
-    pub fn new(storage: Storage, routes: RouteTable, settings: MqttSettings) -> Arc<Broker> {
+    pub fn new(
+        storage: Storage,
+        routes: RouteTable,
+        settings: MqttSettings,
+        replication: crate::replication::Replication,
+    ) -> Arc<Broker> {
         Arc::new(Broker {
             storage,
             routes,
             settings,
+            replication,
             registry: Mutex::new(HashMap::new()),
         })
     }

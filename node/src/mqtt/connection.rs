@@ -31,7 +31,7 @@ use super::outbox::{Outbox, PartKey, qos_from};
 use super::topic::{matches, valid_filter, valid_topic_name};
 use crate::metrics::METRICS;
 use crate::storage::{
-    Committed, InboundEntry, Op, PendingWrite, ReadBatch, SessionState, StorageError,
+    Committed, InboundEntry, Op, OpOutcome, PendingWrite, ReadBatch, SessionState, StorageError,
 };
 use crate::types::{Offset, PartitionId, now_ms};
 
@@ -244,9 +244,26 @@ fn ready(p: Packet) -> AckFuture {
     Box::pin(async move { Ok(vec![p]) })
 }
 
-fn after(write: PendingWrite, acks: Vec<Packet>, started: Instant) -> AckFuture {
+/// The acks of a batch, sent once its writes are durable locally and the topic's acks policy
+/// is met by the replicas (PROTOCOL.md I4).
+fn after(
+    write: PendingWrite,
+    topics: Vec<Option<Arc<str>>>,
+    replication: crate::replication::Replication,
+    acks: Vec<Packet>,
+    started: Instant,
+) -> AckFuture {
     Box::pin(async move {
-        write.await?;
+        let outcomes = write.await?;
+        let writes: Vec<_> = topics
+            .into_iter()
+            .zip(outcomes)
+            .filter_map(|(t, o)| match (t, o) {
+                (Some(t), OpOutcome::Appended { partition, id, .. }) => Some((t, partition, id)),
+                _ => None,
+            })
+            .collect();
+        replication.wait(&writes).await?;
         let secs = started.elapsed().as_secs_f64();
         for _ in 0..acks.len() {
             METRICS.mqtt_ack_seconds.observe(secs);
@@ -528,6 +545,13 @@ impl Conn {
         let ops = std::mem::take(&mut self.batch_ops);
         let acks = std::mem::take(&mut self.batch_acks);
         let started = self.batch_started.take().unwrap_or_else(Instant::now);
+        let topics: Vec<Option<Arc<str>>> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Append { topic, .. } | Op::AppendOnce { topic, .. } => Some(topic.clone()),
+                _ => None,
+            })
+            .collect();
         // Waits while the writer's queue is full: this is where backpressure reaches the
         // client (its acks slow down, then its socket stops being read).
         let write = self
@@ -538,7 +562,8 @@ impl Conn {
             .map_err(|e| e.to_string())?;
         if !acks.is_empty() {
             let n = acks.len();
-            self.push_acks(after(write, acks, started), n);
+            let repl = self.broker.replication.clone();
+            self.push_acks(after(write, topics, repl, acks, started), n);
         }
         Ok(())
     }
@@ -582,7 +607,8 @@ impl Conn {
                         }])
                         .await
                         .map_err(|e| e.to_string())?;
-                    self.push_acks(after(w, vec![comp], Instant::now()), 1);
+                    let repl = self.broker.replication.clone();
+                    self.push_acks(after(w, vec![None], repl, vec![comp], Instant::now()), 1);
                 } else {
                     self.push_acks(ready(comp), 1);
                 }

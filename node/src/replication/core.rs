@@ -114,12 +114,23 @@ pub fn required(acks: Acks, r: usize) -> usize {
     .max(1)
 }
 
-/// Tracks client writes waiting for enough durable copies.
+/// A client write waiting for durable copies on its partition's replicas.
+#[derive(Debug)]
+struct Waiting<T> {
+    seq: u64,
+    needed: usize,
+    /// The replicas when the write was made: only their copies count (a coordinator that
+    /// is not a replica holds a hint, not a copy).
+    replicas: Vec<String>,
+    waiter: T,
+}
+
+/// Tracks client writes waiting for enough durable copies (I4).
 #[derive(Debug, Default)]
 pub struct AckTracker<T> {
-    /// stream -> (seq, copies needed, waiter), in seq order.
-    waiting: BTreeMap<StreamKey, VecDeque<(u64, usize, T)>>,
-    /// stream -> per replica (by index) the highest durable seq.
+    /// stream -> waiting writes, in seq order.
+    waiting: BTreeMap<StreamKey, VecDeque<Waiting<T>>>,
+    /// stream -> per node the highest seq it holds durably.
     durable: BTreeMap<StreamKey, BTreeMap<String, u64>>,
 }
 
@@ -131,33 +142,85 @@ impl<T> AckTracker<T> {
         }
     }
 
-    /// A write of `seq` waits for `needed` durable copies.
-    pub fn wait(&mut self, key: StreamKey, seq: u64, needed: usize, waiter: T) {
-        self.waiting
-            .entry(key)
-            .or_default()
-            .push_back((seq, needed, waiter));
+    fn copies(durable: Option<&BTreeMap<String, u64>>, w: &Waiting<T>) -> usize {
+        durable.map_or(0, |d| {
+            w.replicas
+                .iter()
+                .filter(|r| d.get(*r).is_some_and(|&h| h >= w.seq))
+                .count()
+        })
     }
 
-    /// `node` now holds the stream durably up to `seq`; returns the waiters now satisfied,
-    /// in seq order.
+    /// A write of `seq` waits for `needed` durable copies among `replicas`. Returns the
+    /// waiter at once when that is already so.
+    pub fn wait(
+        &mut self,
+        key: StreamKey,
+        seq: u64,
+        needed: usize,
+        replicas: Vec<String>,
+        waiter: T,
+    ) -> Option<T> {
+        let w = Waiting {
+            seq,
+            needed,
+            replicas,
+            waiter,
+        };
+        if Self::copies(self.durable.get(&key), &w) >= needed {
+            return Some(w.waiter);
+        }
+        self.waiting.entry(key).or_default().push_back(w);
+        None
+    }
+
+    /// `node` now holds the stream durably up to `seq`; returns the waiters now satisfied.
     pub fn on_durable(&mut self, key: &StreamKey, node: &str, seq: u64) -> Vec<T> {
         let d = self.durable.entry(key.clone()).or_default();
         let e = d.entry(node.to_string()).or_insert(0);
         *e = (*e).max(seq);
-        let copies = |s: u64| d.values().filter(|&&h| h >= s).count();
+        let d = self.durable.get(key);
         let mut done = Vec::new();
         if let Some(q) = self.waiting.get_mut(key) {
-            while let Some((s, needed, _)) = q.front() {
-                if copies(*s) < *needed {
+            // Waiters of one stream may need different replica sets (membership changed
+            // between them), so each is checked; most are satisfied from the front.
+            let mut i = 0;
+            while i < q.len() {
+                if Self::copies(d, &q[i]) >= q[i].needed {
+                    if let Some(w) = q.remove(i) {
+                        done.push(w.waiter);
+                    }
+                } else if q[i].seq > seq {
                     break;
+                } else {
+                    i += 1;
                 }
-                if let Some((_, _, w)) = q.pop_front() {
-                    done.push(w);
-                }
+            }
+            if q.is_empty() {
+                self.waiting.remove(key);
             }
         }
         done
+    }
+
+    /// Drops waiters `keep` rejects (e.g. whose client gave up after the ack timeout).
+    pub fn sweep(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.waiting.retain(|_, q| {
+            q.retain(|w| keep(&w.waiter));
+            !q.is_empty()
+        });
+    }
+
+    /// Forgets what a node held (it restarted with a new generation or left).
+    pub fn forget(&mut self, node: &str) {
+        for d in self.durable.values_mut() {
+            d.remove(node);
+        }
+    }
+
+    /// Writes still waiting.
+    pub fn waiting(&self) -> usize {
+        self.waiting.values().map(|q| q.len()).sum()
     }
 }
 
@@ -237,14 +300,27 @@ mod tests {
         assert_eq!(required(Acks::Quorum, 1), 1);
         let key: StreamKey = ("t".into(), 0, 1);
         let mut t = AckTracker::new();
-        t.wait(key.clone(), 1, 2, "w1");
-        t.wait(key.clone(), 2, 2, "w2");
+        let abc = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        assert!(t.wait(key.clone(), 1, 2, abc(), "w1").is_none());
+        assert!(t.wait(key.clone(), 2, 2, abc(), "w2").is_none());
         assert!(
             t.on_durable(&key, "a", 2).is_empty(),
             "one copy is not a quorum"
         );
+        assert!(
+            t.on_durable(&key, "x", 2).is_empty(),
+            "a non-replica's copy (a hint) does not count"
+        );
         assert_eq!(t.on_durable(&key, "b", 1), vec!["w1"]);
         assert_eq!(t.on_durable(&key, "b", 2), vec!["w2"]);
+        assert_eq!(
+            t.wait(key.clone(), 2, 2, abc(), "w3"),
+            Some("w3"),
+            "already durable on a quorum: answered at once"
+        );
+        assert!(t.wait(key.clone(), 3, 3, abc(), "w4").is_none());
+        t.sweep(|w| *w != "w4");
+        assert_eq!(t.waiting(), 0);
     }
 
     /// A seeded simulation: a sender streams 200 records to a replica over a link that

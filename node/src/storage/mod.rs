@@ -12,6 +12,8 @@
 pub mod format;
 mod writer;
 
+pub(crate) use writer::vv_get;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -104,6 +106,22 @@ pub enum Op {
         producer: Arc<str>,
         sequence: u64,
     },
+    /// Records replicated from a peer, with their ids (PROTOCOL.md I3): a record is appended
+    /// when its seq is the next of its origin here, skipped when already held, and stops its
+    /// origin at a gap. The outcome is [`OpOutcome::Replicated`].
+    Replicate {
+        topic: Arc<str>,
+        partition: PartitionId,
+        records: Vec<Record>,
+    },
+    /// Handoff (PROTOCOL.md I6): delete the records every current replica holds, i.e.
+    /// whose seq is at most `covered[origin]`. Origins left without records leave the
+    /// version vector, except this node's own (its seqs must keep increasing).
+    DropCovered {
+        topic: Arc<str>,
+        partition: PartitionId,
+        covered: Vec<(u64, u64)>,
+    },
     CreateTopic(TopicConfig),
     /// Store (`Some`) or delete (`None`) the retained message of an MQTT topic.
     SetRetained {
@@ -167,6 +185,12 @@ pub enum OpOutcome {
     Trimmed(u64),
     /// An `AppendOnce` whose sequence was already committed: nothing written.
     Duplicate,
+    /// A `Replicate`: the partition's version vector after it, and the origins that stopped
+    /// at a gap (the sender must resend them from `version_vector[origin] + 1`).
+    Replicated {
+        version_vector: Vec<(u64, u64)>,
+        gaps: Vec<u64>,
+    },
 }
 
 /// A record as committed, handed to live subscribers right after its commit.
@@ -196,6 +220,8 @@ pub enum StorageError {
     TopicExists(String),
     #[error("invalid topic: {0}")]
     InvalidTopic(String),
+    #[error("not acknowledged: {0}")]
+    NotReplicated(String),
     #[error("storage is shutting down; the operation was not written")]
     ShuttingDown,
     #[error("storage stopped after an I/O error and refuses writes until restart: {0}")]
@@ -519,6 +545,51 @@ impl Storage {
             batch.records.push((Offset(k.value()), record));
         }
         Ok(batch)
+    }
+
+    /// Records of a partition that a replica with version vector `have` lacks (`seq >
+    /// have[origin]`), in log order from offset `from`, at most `limit` records or about
+    /// `max_bytes`; `only` restricts them to one origin. Returns them with the offset to
+    /// continue from, or `None` at the end of the log (blocking; anti-entropy and resends).
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan_missing(
+        &self,
+        topic: &str,
+        partition: PartitionId,
+        from: Offset,
+        have: &[(u64, u64)],
+        only: Option<u64>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Record>, Option<Offset>), StorageError> {
+        self.check_partition(topic, partition)?;
+        let rtx = self.inner.db.begin_read()?;
+        let meta = read_partition_meta(&rtx, topic, partition.0)?;
+        let name = log_table_name(topic, partition.0);
+        let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
+        let Some(table) = open_opt(&rtx, def)? else {
+            return Ok((Vec::new(), None));
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in table.range(from.0.max(meta.log_start)..)? {
+            let (k, v) = item?;
+            if out.len() >= limit || bytes >= max_bytes {
+                return Ok((out, Some(Offset(k.value()))));
+            }
+            let record: Record =
+                format::decode(v.value()).map_err(|source| StorageError::Corrupt {
+                    table: name.clone(),
+                    source,
+                })?;
+            let o = record.id.origin.0;
+            if only.is_some_and(|x| x != o) || record.id.seq.0 <= writer::vv_get(have, o) {
+                continue;
+            }
+            bytes += v.value().len();
+            out.push(record);
+        }
+        Ok((out, None))
     }
 
     /// The first offset whose record was ingested at or after `time_ms` (blocking). Offsets

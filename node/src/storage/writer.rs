@@ -162,6 +162,7 @@ impl WriterState {
         let mut touched: Vec<(Arc<str>, u32)> = Vec::new();
         let mut others: Vec<Op> = Vec::new();
         let mut retention: Option<u64> = None;
+        let mut drops: Vec<((Arc<str>, u32), Vec<(u64, u64)>)> = Vec::new();
         let mut appended = 0u64;
         // Undo information for the in-memory partition state if the commit fails.
         let mut before: HashMap<(Arc<str>, u32), PartitionMeta> = HashMap::new();
@@ -238,6 +239,55 @@ impl WriterState {
                             id,
                         });
                     }
+                    Op::Replicate {
+                        topic,
+                        partition,
+                        records,
+                    } => {
+                        let key = (topic.clone(), partition.0);
+                        let meta = self.parts.entry(key.clone()).or_default();
+                        if !before.contains_key(&key) {
+                            before.insert(key.clone(), meta.clone());
+                            touched.push(key.clone());
+                        }
+                        let mut gaps: Vec<u64> = Vec::new();
+                        for rec in records {
+                            let (o, s) = (rec.id.origin.0, rec.id.seq.0);
+                            let hw = vv_get(&meta.version_vector, o);
+                            if s <= hw {
+                                continue; // I3: already held
+                            }
+                            if s != hw + 1 {
+                                if !gaps.contains(&o) {
+                                    gaps.push(o);
+                                }
+                                continue;
+                            }
+                            vv_set(&mut meta.version_vector, o, s);
+                            let offset = meta.next_offset;
+                            meta.next_offset += 1;
+                            let value = format::encode(&rec);
+                            meta.bytes += value.len() as u64 + 8;
+                            appends
+                                .entry(key.clone())
+                                .or_default()
+                                .push((offset, value, rec));
+                            appended += 1;
+                        }
+                        outcomes.push(OpOutcome::Replicated {
+                            version_vector: meta.version_vector.clone(),
+                            gaps,
+                        });
+                    }
+                    Op::DropCovered {
+                        topic,
+                        partition,
+                        covered,
+                    } => {
+                        let key = (topic.clone(), partition.0);
+                        drops.push((key, covered));
+                        outcomes.push(OpOutcome::Trimmed(0));
+                    }
                     Op::CreateTopic(cfg) => {
                         let name: Arc<str> = Arc::from(cfg.name.as_str());
                         for p in 0..cfg.partitions {
@@ -267,6 +317,9 @@ impl WriterState {
             let mut trimmed = 0;
             if let Some(as_of) = retention {
                 trimmed = self.trim(&wtx, as_of, &mut before, &mut touched)?;
+            }
+            for (key, covered) in &drops {
+                trimmed += self.drop_covered(&wtx, key, covered, &mut before, &mut touched)?;
             }
             for ((topic, p), rows) in &appends {
                 let name = log_table_name(topic, *p);
@@ -469,6 +522,12 @@ impl WriterState {
                 }
                 | Op::AppendOnce {
                     topic, partition, ..
+                }
+                | Op::Replicate {
+                    topic, partition, ..
+                }
+                | Op::DropCovered {
+                    topic, partition, ..
                 } => {
                     let partitions = topics
                         .get(&**topic)
@@ -509,6 +568,62 @@ impl WriterState {
             }
         }
         Ok(())
+    }
+
+    /// Handoff: deletes the records of one partition that `covered` includes (I6).
+    fn drop_covered(
+        &mut self,
+        wtx: &redb::WriteTransaction,
+        key: &(Arc<str>, u32),
+        covered: &[(u64, u64)],
+        before: &mut HashMap<(Arc<str>, u32), PartitionMeta>,
+        touched: &mut Vec<(Arc<str>, u32)>,
+    ) -> Result<u64, StorageError> {
+        let Some(meta) = self.parts.get(key).cloned() else {
+            return Ok(0);
+        };
+        let name = log_table_name(&key.0, key.1);
+        let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
+        let mut table = wtx.open_table(def)?;
+        let mut doomed: Vec<u64> = Vec::new();
+        let mut freed = 0u64;
+        let mut first_kept: Option<u64> = None;
+        let mut remaining: Vec<u64> = Vec::new();
+        for item in table.range(meta.log_start..)? {
+            let (k, v) = item?;
+            let rec: Record =
+                format::decode(v.value()).map_err(|source| StorageError::Corrupt {
+                    table: name.clone(),
+                    source,
+                })?;
+            if rec.id.seq.0 <= vv_get(covered, rec.id.origin.0) {
+                doomed.push(k.value());
+                freed += v.value().len() as u64 + 8;
+            } else {
+                first_kept.get_or_insert(k.value());
+                if !remaining.contains(&rec.id.origin.0) {
+                    remaining.push(rec.id.origin.0);
+                }
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        for k in &doomed {
+            table.remove(*k)?;
+        }
+        before.entry(key.clone()).or_insert_with(|| meta.clone());
+        if !touched.contains(key) {
+            touched.push(key.clone());
+        }
+        let own = self.origin.0;
+        if let Some(m) = self.parts.get_mut(key) {
+            m.bytes = m.bytes.saturating_sub(freed);
+            m.log_start = first_kept.unwrap_or(m.next_offset);
+            m.version_vector
+                .retain(|(o, _)| *o == own || remaining.contains(o));
+        }
+        Ok(doomed.len() as u64)
     }
 
     /// Deletes records past each topic's retention, oldest first.
@@ -612,6 +727,20 @@ fn insert_seq(ranges: &mut Vec<(u64, u64)>, seq: u64) -> bool {
 }
 
 /// Increments and returns the origin's seq in a sorted version vector.
+/// The highest contiguous seq of `origin` in a sorted version vector (0 when absent).
+pub(crate) fn vv_get(vv: &[(u64, u64)], origin: u64) -> u64 {
+    vv.binary_search_by_key(&origin, |(o, _)| *o)
+        .map(|i| vv[i].1)
+        .unwrap_or(0)
+}
+
+fn vv_set(vv: &mut Vec<(u64, u64)>, origin: u64, seq: u64) {
+    match vv.binary_search_by_key(&origin, |(o, _)| *o) {
+        Ok(i) => vv[i].1 = seq,
+        Err(i) => vv.insert(i, (origin, seq)),
+    }
+}
+
 fn bump_seq(vv: &mut Vec<(u64, u64)>, origin: u64) -> u64 {
     match vv.binary_search_by_key(&origin, |(o, _)| *o) {
         Ok(i) => {
