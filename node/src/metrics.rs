@@ -34,6 +34,7 @@ pub struct Metrics {
     pub consumer_lag: Family<ConsumerLabel, Gauge>,
     pub webhook_deliveries: Counter,
     pub webhook_failures: Counter,
+    pub anti_entropy_rounds: Counter,
     pub replication_records_sent: Counter,
     pub replication_records_received: Counter,
     pub replication_records_pushed: Counter,
@@ -76,6 +77,7 @@ impl Metrics {
             consumer_lag: Family::default(),
             webhook_deliveries: Counter::default(),
             webhook_failures: Counter::default(),
+            anti_entropy_rounds: Counter::default(),
             replication_records_sent: Counter::default(),
             replication_records_received: Counter::default(),
             replication_records_pushed: Counter::default(),
@@ -83,6 +85,11 @@ impl Metrics {
             replication_handoff_records: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "anti_entropy_rounds",
+            "Anti-entropy rounds run (periodic and on membership changes)",
+            m.anti_entropy_rounds.clone(),
+        );
         registry.register(
             "replication_records_sent",
             "Records sent to peers (live, resends and anti-entropy pushes)",

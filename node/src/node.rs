@@ -1,6 +1,7 @@
 //! Wiring: opens storage, creates the configured topics, binds the MQTT and HTTP listeners
-//! and runs their tasks plus retention until shutdown. Every task is owned by one
-//! `TaskTracker`; `Node::shutdown` stops accepting, lets connections flush their pending
+//! and runs their tasks plus retention until shutdown. Every task is owned by one of two
+//! `TaskTracker`s (cluster tasks stop last); `Node::shutdown` stops accepting, lets
+//! connections flush their pending
 //! acks, then lets the storage writer commit everything already queued.
 
 use std::net::SocketAddr;
@@ -32,6 +33,8 @@ pub struct Node {
     storage: Storage,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    cluster_stop: CancellationToken,
+    cluster_tracker: TaskTracker,
     membership: Option<Membership>,
 }
 
@@ -84,6 +87,10 @@ impl Node {
         let peer_addr = peer.local_addr()?;
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // Membership and replication stop last, so connections draining their acks at
+        // shutdown can still get them from the replicas.
+        let cluster_stop = CancellationToken::new();
+        let cluster_tracker = TaskTracker::new();
         let node_name = config.node_id.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_string())
@@ -115,8 +122,8 @@ impl Node {
                 peer: peer_addr,
             },
             storage.clone(),
-            &tracker,
-            shutdown.clone(),
+            &cluster_tracker,
+            cluster_stop.clone(),
         )
         .await?;
         let gossip_addr = membership.gossip_addr;
@@ -128,8 +135,8 @@ impl Node {
             peer,
             config.cluster.ack_timeout,
             config.cluster.anti_entropy_interval,
-            tracker.clone(),
-            shutdown.clone(),
+            cluster_tracker.clone(),
+            cluster_stop.clone(),
         );
         let broker = Broker::new(
             storage.clone(),
@@ -197,6 +204,8 @@ impl Node {
             storage,
             shutdown,
             tracker,
+            cluster_stop,
+            cluster_tracker,
             membership: Some(membership),
         })
     }
@@ -207,12 +216,15 @@ impl Node {
 
     /// Graceful stop: no new connections, pending acks flushed, queued writes committed.
     pub async fn shutdown(mut self) {
-        if let Some(m) = self.membership.take() {
-            m.shutdown().await;
-        }
         self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+        if let Some(m) = self.membership.take() {
+            m.shutdown().await;
+        }
+        self.cluster_stop.cancel();
+        self.cluster_tracker.close();
+        self.cluster_tracker.wait().await;
         self.storage.shutdown().await;
         tracing::info!("shoal node stopped");
     }

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     peer_vvs: Mutex<HashMap<(String, String, u32), Vv>>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// Local IP outbound peer connections bind to (the peer listener's, when specified).
+    pub bind_ip: Option<std::net::IpAddr>,
 }
 
 /// Handle to the replication drivers; cheap to clone.
@@ -106,7 +108,13 @@ impl Replication {
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Replication {
+        let bind_ip = listener
+            .local_addr()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified());
         let shared = Arc::new(Shared {
+            bind_ip,
             origin: storage.origin().0,
             storage,
             me,
@@ -304,6 +312,7 @@ async fn supervise(s: Arc<Shared>, every: Duration) {
         if let Err(e) = round(&s, &view).await {
             tracing::warn!(error = %e, "anti-entropy round failed");
         }
+        crate::metrics::METRICS.anti_entropy_rounds.inc();
     }
     for (_, (_, _, stop)) in tasks {
         stop.cancel();

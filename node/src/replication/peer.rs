@@ -164,6 +164,8 @@ async fn inbound(s: Arc<Shared>, stream: TcpStream) -> Result<(), String> {
         Ok::<(), String>(())
     };
     let reads = async {
+        // Owned here: when reading ends, the replies half drains and ends too.
+        let tx = tx;
         loop {
             let frame = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -267,6 +269,24 @@ async fn my_vv(s: &Shared, topic: &str, partition: u32) -> Vv {
         .unwrap_or_default()
 }
 
+/// Connects from this node's peer IP when it listens on one (so peers and firewalls see the
+/// node's own address), else from whatever the route picks.
+async fn connect(
+    bind_ip: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = bind_ip else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
+}
+
 /// This node's connection to `peer`, reconnecting with backoff until `stop`.
 pub(crate) async fn outbound(
     s: Arc<Shared>,
@@ -282,7 +302,7 @@ pub(crate) async fn outbound(
         }
         let connected = tokio::select! {
             _ = stop.cancelled() => return,
-            c = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)) => c,
+            c = tokio::time::timeout(Duration::from_secs(2), connect(s.bind_ip, addr)) => c,
         };
         match connected {
             Ok(Ok(stream)) => {

@@ -1,0 +1,386 @@
+//! Real multi-process clusters (3 to 4 `shoal up` processes on their own 127.x.y.z
+//! addresses, all node-to-node traffic through fault-injecting proxies): membership and
+//! foreign clusters, SIGKILL during `acks=quorum` ingest (I4), a cut-off node and the
+//! majority both taking writes then converging (I5), a join under load with handoff (I2, I6),
+//! and a rolling restart under load. Every test checks that no acknowledged record is lost.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use shoal_tests::cluster::{Acked, Cluster, device};
+use shoal_tests::{eventually, http_get};
+
+/// Devices publishing QoS 1; each fails over along its address list.
+struct Load {
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(c: &Cluster, prefix: &'static str, plan: &[(&str, Vec<usize>)]) -> Load {
+        let acked: Acked = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = plan
+            .iter()
+            .map(|(id, nodes)| {
+                let addrs = nodes.iter().map(|i| c.nodes[*i].mqtt()).collect();
+                tokio::spawn(device(
+                    addrs,
+                    id.to_string(),
+                    prefix,
+                    20,
+                    acked.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        Load { acked, stop, tasks }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until `more` further publishes were acknowledged.
+    async fn more(&self, more: usize) {
+        let target = self.count() + more;
+        eventually(&format!("{target} acked publishes"), || async {
+            (self.count() >= target).then_some(())
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+        }
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+/// Every acked payload is held by node `i` exactly once.
+async fn holds_all_once(c: &Cluster, i: usize, topic: &str, acked: &[String]) {
+    let (payloads, _) = c.local_payloads(i, topic).await;
+    for p in acked {
+        assert_eq!(
+            payloads.get(p).copied().unwrap_or(0),
+            1,
+            "{} holds acked {p:?} {} times",
+            c.nodes[i].name,
+            payloads.get(p).copied().unwrap_or(0)
+        );
+    }
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+async fn rounds(c: &Cluster, i: usize) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", c.nodes[i].url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric(&text, "shoal_anti_entropy_rounds_total")
+}
+
+#[tokio::test]
+async fn members_placement_and_foreign_clusters_kept_out() {
+    let mut c = Cluster::start(3, "").await;
+    let v = http_get(&c.nodes[1].url(), "/v1/cluster").await;
+    let names: Vec<&str> = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["node_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["n1", "n2", "n3"]);
+    for m in v["members"].as_array().unwrap() {
+        assert_eq!(m["live"], true);
+        assert!(m["peer_addr"].as_str().unwrap().ends_with(":27070"));
+        assert_eq!(m["origin"].as_str().unwrap().len(), 16);
+    }
+    // Every node computes the same placement (I1): three replicas per partition.
+    let placement = |v: &Value| v["partitions"].clone();
+    for i in [0, 2] {
+        let other = http_get(&c.nodes[i].url(), "/v1/cluster").await;
+        assert_eq!(placement(&other), placement(&v));
+    }
+    assert!(
+        v["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["replicas"].as_array().unwrap().len() == 3 && p["under_replicated"] == false)
+    );
+
+    // A node of another cluster seeded with n1 is never admitted. A legitimate node that
+    // starts after it is admitted, which shows gossip with the seed went on meanwhile.
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let seed = format!(
+        "{}:{}",
+        c.nodes[0].proxy_ip,
+        shoal_tests::cluster::GOSSIP_PORT
+    );
+    let foreign = shoal_tests::Process::spawn(
+        foreign_dir.path(),
+        &[
+            "--node-id",
+            "intruder",
+            "--cluster-id",
+            "other",
+            "--seed",
+            &seed,
+        ],
+    )
+    .await
+    .unwrap();
+    c.add_node().await;
+    c.wait_live(4).await;
+    for i in 0..4 {
+        let v = http_get(&c.nodes[i].url(), "/v1/cluster").await;
+        assert!(!v.to_string().contains("intruder"), "{v}");
+    }
+    let v = http_get(&foreign.url(), "/v1/cluster").await;
+    assert_eq!(v["members"].as_array().unwrap().len(), 1, "{v}");
+
+    // Failure detection: a killed node is shown dead, and its partitions get new replicas.
+    c.kill9(3).await;
+    c.wait_live(3).await;
+    let v = http_get(&c.nodes[0].url(), "/v1/cluster").await;
+    let n4 = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["node_id"] == "n4")
+        .unwrap()
+        .clone();
+    assert_eq!(n4["live"], false);
+    assert!(!v["partitions"].to_string().contains("\"n4\""));
+}
+
+/// (a) SIGKILL a node during QoS 1 ingest with acks=quorum: every PUBACKed record is
+/// readable from the survivors, and after a restart present exactly once on all replicas.
+#[tokio::test]
+async fn sigkill_during_quorum_ingest_loses_no_acknowledged_record() {
+    let mut c = Cluster::start(3, "").await;
+    let load = Load::start(
+        &c,
+        "sensors",
+        &[("d1", vec![0, 1]), ("d2", vec![2, 0]), ("d3", vec![1, 0])],
+    );
+    load.more(600).await;
+    c.kill9(2).await;
+    load.more(600).await;
+    let acked = load.stop().await;
+    assert!(acked.len() >= 1200);
+    // The survivors converge and each holds every acknowledged record once.
+    c.wait_converged(0, "telemetry", Duration::from_secs(30))
+        .await;
+    for i in [0, 1] {
+        holds_all_once(&c, i, "telemetry", &acked).await;
+    }
+    c.start_node(2).await;
+    c.wait_live(3).await;
+    c.wait_converged(2, "telemetry", Duration::from_secs(30))
+        .await;
+    for i in 0..3 {
+        holds_all_once(&c, i, "telemetry", &acked).await;
+    }
+}
+
+/// (b) Cut one node off while both sides take writes (acks=local topic), then heal: every
+/// partition's replicas show the same digest within two anti-entropy rounds (I5).
+#[tokio::test]
+async fn cut_off_node_and_majority_both_take_writes_then_converge() {
+    let toml = r#"
+[[topics]]
+name = "events"
+partitions = 4
+replication_factor = 3
+acks = "local"
+
+[[routes]]
+filter = "ev/#"
+topic = "events"
+"#;
+    let c = Cluster::start(3, toml).await;
+    let ip = c.nodes[2].ip;
+    c.net.isolate(ip);
+    for i in 0..2 {
+        let url = c.nodes[i].url();
+        eventually("the majority sees the cut-off node dead", || {
+            let url = url.clone();
+            async move {
+                let v = http_get(&url, "/v1/cluster").await;
+                let live = v["members"]
+                    .as_array()?
+                    .iter()
+                    .filter(|m| m["live"] == true)
+                    .count();
+                (live == 2).then_some(())
+            }
+        })
+        .await;
+    }
+    let majority = Load::start(&c, "ev", &[("m1", vec![0]), ("m2", vec![1])]);
+    let minority = Load::start(&c, "ev", &[("x1", vec![2])]);
+    majority.more(300).await;
+    minority.more(300).await;
+    let mut acked = majority.stop().await;
+    acked.extend(minority.stop().await);
+    // The two sides differ now: the cut-off node's copies have other digests.
+    let digests = |v: Value| -> Vec<Value> {
+        v["partitions_detail"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["digest"].clone())
+            .collect()
+    };
+    let a = digests(http_get(&c.nodes[0].url(), "/v1/topics/events?scope=local").await);
+    let b = digests(http_get(&c.nodes[2].url(), "/v1/topics/events?scope=local").await);
+    assert!(a.iter().zip(&b).any(|(x, y)| x != y), "{a:?} {b:?}");
+    c.net.heal();
+    c.wait_live(3).await;
+    let before: Vec<u64> = [
+        rounds(&c, 0).await,
+        rounds(&c, 1).await,
+        rounds(&c, 2).await,
+    ]
+    .into();
+    c.wait_converged(0, "events", Duration::from_secs(30)).await;
+    let after: Vec<u64> = [
+        rounds(&c, 0).await,
+        rounds(&c, 1).await,
+        rounds(&c, 2).await,
+    ]
+    .into();
+    let used: Vec<u64> = before.iter().zip(&after).map(|(b, a)| a - b).collect();
+    assert!(
+        used.iter().all(|r| *r <= 2),
+        "converged only after {used:?} anti-entropy rounds (target: 2)"
+    );
+    for i in 0..3 {
+        holds_all_once(&c, i, "events", &acked).await;
+    }
+}
+
+/// (c) A node joins under load: partitions move per placement, nothing is lost, and old
+/// copies are dropped after handoff (I2, I6).
+#[tokio::test]
+async fn join_under_load_moves_partitions_and_drops_old_copies() {
+    let mut c = Cluster::start(3, "").await;
+    let load = Load::start(&c, "sensors", &[("d1", vec![0, 1]), ("d2", vec![1, 0])]);
+    load.more(400).await;
+    let before = http_get(&c.nodes[0].url(), "/v1/cluster").await;
+    c.add_node().await;
+    c.wait_live(4).await;
+    load.more(400).await;
+    let acked = load.stop().await;
+    let after = http_get(&c.nodes[0].url(), "/v1/cluster").await;
+    // The joiner took some replica slots, and only slots it outranks a member for.
+    let slots = |v: &Value, node: &str| {
+        v["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["topic"] == "telemetry" && p["replicas"].to_string().contains(node))
+            .count()
+    };
+    assert_eq!(slots(&before, "n4"), 0);
+    assert!(slots(&after, "n4") > 0, "{after:#}");
+    c.wait_converged(3, "telemetry", Duration::from_secs(30))
+        .await;
+    // After handoff, every acked record is on exactly three nodes, and each node holds only
+    // the partitions placed on it.
+    let placement: HashMap<u64, Vec<String>> = after["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topic"] == "telemetry")
+        .map(|p| {
+            (
+                p["partition"].as_u64().unwrap(),
+                serde_json::from_value(p["replicas"].clone()).unwrap(),
+            )
+        })
+        .collect();
+    for i in 0..4 {
+        let name = c.nodes[i].name.clone();
+        let url = c.nodes[i].url();
+        let placement = &placement;
+        eventually(
+            &format!("{name} dropped the partitions it no longer replicates"),
+            || {
+                let url = url.clone();
+                let name = name.clone();
+                async move {
+                    let v = http_get(&url, "/v1/topics/telemetry?scope=local").await;
+                    v["partitions_detail"]
+                        .as_array()?
+                        .iter()
+                        .all(|p| {
+                            let part = p["partition"].as_u64().unwrap();
+                            placement[&part].contains(&name) || p["records"] == 0
+                        })
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for i in 0..4 {
+        let (payloads, _) = c.local_payloads(i, "telemetry").await;
+        for (p, n) in payloads {
+            *copies.entry(p).or_default() += n;
+        }
+    }
+    for p in &acked {
+        assert_eq!(copies.get(p).copied().unwrap_or(0), 3, "{p:?}");
+    }
+}
+
+/// (d) Rolling restart of every node under load: no acknowledged record is lost.
+#[tokio::test]
+async fn rolling_restart_under_load_loses_nothing() {
+    let mut c = Cluster::start(3, "").await;
+    let load = Load::start(
+        &c,
+        "sensors",
+        &[
+            ("d1", vec![0, 1, 2]),
+            ("d2", vec![1, 2, 0]),
+            ("d3", vec![2, 0, 1]),
+        ],
+    );
+    load.more(300).await;
+    for i in 0..3 {
+        c.terminate(i).await;
+        load.more(200).await;
+        c.start_node(i).await;
+        c.wait_live(3).await;
+        load.more(200).await;
+    }
+    let acked = load.stop().await;
+    c.wait_converged(0, "telemetry", Duration::from_secs(30))
+        .await;
+    for i in 0..3 {
+        holds_all_once(&c, i, "telemetry", &acked).await;
+    }
+}
