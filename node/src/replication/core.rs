@@ -17,6 +17,88 @@ use crate::storage::Acks;
 /// A stream of one origin's records for one partition.
 pub type StreamKey = (String, u32, u64);
 
+/// Version vector: origin -> highest contiguous seq, sorted by origin.
+pub type Vv = Vec<(u64, u64)>;
+
+/// The highest contiguous seq of `origin` in a sorted version vector (0 when absent).
+pub fn vv_get(vv: &[(u64, u64)], origin: u64) -> u64 {
+    vv.binary_search_by_key(&origin, |(o, _)| *o)
+        .map(|i| vv[i].1)
+        .unwrap_or(0)
+}
+
+/// Sets `origin`'s entry of a sorted version vector.
+pub fn vv_set(vv: &mut Vv, origin: u64, seq: u64) {
+    match vv.binary_search_by_key(&origin, |(o, _)| *o) {
+        Ok(i) => vv[i].1 = seq,
+        Err(i) => vv.insert(i, (origin, seq)),
+    }
+}
+
+/// What a replica does with one replicated record (I3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accept {
+    /// The next seq of its origin: append it (the version vector was advanced).
+    Store,
+    /// Already held: ignore it.
+    Duplicate,
+    /// Records before it are missing: report `have = vv[origin]`.
+    Gap,
+}
+
+/// I3 on a replica's version vector: the storage writer calls this for every replicated
+/// record inside the transaction that appends it.
+pub fn accept(vv: &mut Vv, origin: u64, seq: u64) -> Accept {
+    let hw = vv_get(vv, origin);
+    if seq <= hw {
+        Accept::Duplicate
+    } else if seq == hw + 1 {
+        vv_set(vv, origin, seq);
+        Accept::Store
+    } else {
+        Accept::Gap
+    }
+}
+
+/// `have` lacks something `mine` holds (anti-entropy: push when the peer is a replica).
+pub fn lacks(have: &[(u64, u64)], mine: &[(u64, u64)]) -> bool {
+    mine.iter().any(|(o, s)| *s > vv_get(have, *o))
+}
+
+/// A record `(origin, seq)` is one a peer with version vector `have` lacks.
+pub fn missing(have: &[(u64, u64)], origin: u64, seq: u64) -> bool {
+    seq > vv_get(have, origin)
+}
+
+/// The order-independent content digest of a partition replica. Under I3 a replica holds
+/// exactly the ids `(origin, 1..=vv[origin])` (less what retention deleted), so hashing the
+/// sorted version vector identifies the set of record ids it holds.
+pub fn digest(vv: &[(u64, u64)]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for (o, s) in vv {
+        h.update(&o.to_be_bytes());
+        h.update(&s.to_be_bytes());
+    }
+    h.digest()
+}
+
+/// Handoff (I6): what a non-replica holding `mine` may delete, given what each current
+/// replica is known to hold (`None`: not heard from yet, so nothing of it is covered).
+/// Returns, per origin, the seq up to which every replica holds it (entries at 0 dropped).
+pub fn handoff_covered(mine: &[(u64, u64)], replicas: &[Option<&Vv>]) -> Vv {
+    if replicas.is_empty() {
+        return Vv::new();
+    }
+    let mut covered: Vv = mine.to_vec();
+    for theirs in replicas {
+        for (o, seq) in covered.iter_mut() {
+            *seq = (*seq).min(theirs.map_or(0, |v| vv_get(v, *o)));
+        }
+    }
+    covered.retain(|(_, seq)| *seq > 0);
+    covered
+}
+
 /// What the receiver decided about an `Append`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Received {

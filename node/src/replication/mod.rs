@@ -10,6 +10,8 @@
 
 pub mod core;
 pub mod peer;
+#[cfg(test)]
+mod sim;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,8 +28,7 @@ use crate::cluster::View;
 use crate::storage::{Op, Record, Storage, StorageError};
 use crate::types::{PartitionId, RecordId};
 
-/// Version vector: origin -> highest contiguous seq, sorted by origin.
-pub type Vv = Vec<(u64, u64)>;
+pub use self::core::Vv;
 
 /// Work for the outbound connection to one peer.
 #[derive(Debug)]
@@ -76,23 +77,7 @@ impl std::fmt::Debug for Replication {
     }
 }
 
-/// The order-independent content digest of a partition replica. Under I3 a replica holds
-/// exactly the ids `(origin, 1..=vv[origin])` (less what retention deleted), so hashing the
-/// sorted version vector identifies the set of record ids it holds.
-pub fn digest(vv: &[(u64, u64)]) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for (o, s) in vv {
-        h.update(&o.to_be_bytes());
-        h.update(&s.to_be_bytes());
-    }
-    h.digest()
-}
-
-/// `have` lacks something `mine` holds.
-pub fn lacks(have: &[(u64, u64)], mine: &[(u64, u64)]) -> bool {
-    mine.iter()
-        .any(|(o, s)| *s > crate::storage::vv_get(have, *o))
-}
+pub use self::core::{digest, lacks};
 
 impl Replication {
     /// Binds nothing; `start` runs the tasks on the peer listener given.
@@ -377,17 +362,14 @@ async fn round(s: &Arc<Shared>, view: &View) -> Result<(), StorageError> {
         }
         if !mine && held && !replicas.is_empty() {
             // Handoff: what every current replica is known to hold.
-            let mut covered: Vv = meta.version_vector.clone();
-            {
+            let covered = {
                 let vvs = lock(&s.peer_vvs);
-                for r in &replicas {
-                    let theirs = vvs.get(&(r.clone(), cfg.name.clone(), p));
-                    for (o, seq) in covered.iter_mut() {
-                        *seq = (*seq).min(theirs.map_or(0, |v| crate::storage::vv_get(v, *o)));
-                    }
-                }
-            }
-            covered.retain(|(_, seq)| *seq > 0);
+                let theirs: Vec<Option<&Vv>> = replicas
+                    .iter()
+                    .map(|r| vvs.get(&(r.clone(), cfg.name.clone(), p)))
+                    .collect();
+                self::core::handoff_covered(&meta.version_vector, &theirs)
+            };
             if !covered.is_empty() {
                 let outcome = s
                     .storage

@@ -583,7 +583,9 @@ impl Storage {
                     source,
                 })?;
             let o = record.id.origin.0;
-            if only.is_some_and(|x| x != o) || record.id.seq.0 <= writer::vv_get(have, o) {
+            if only.is_some_and(|x| x != o)
+                || !crate::replication::core::missing(have, o, record.id.seq.0)
+            {
                 continue;
             }
             bytes += v.value().len();

@@ -253,17 +253,16 @@ impl WriterState {
                         let mut gaps: Vec<u64> = Vec::new();
                         for rec in records {
                             let (o, s) = (rec.id.origin.0, rec.id.seq.0);
-                            let hw = vv_get(&meta.version_vector, o);
-                            if s <= hw {
-                                continue; // I3: already held
-                            }
-                            if s != hw + 1 {
-                                if !gaps.contains(&o) {
-                                    gaps.push(o);
+                            match accept(&mut meta.version_vector, o, s) {
+                                Accept::Store => {}
+                                Accept::Duplicate => continue,
+                                Accept::Gap => {
+                                    if !gaps.contains(&o) {
+                                        gaps.push(o);
+                                    }
+                                    continue;
                                 }
-                                continue;
                             }
-                            vv_set(&mut meta.version_vector, o, s);
                             let offset = meta.next_offset;
                             meta.next_offset += 1;
                             let value = format::encode(&rec);
@@ -727,19 +726,8 @@ fn insert_seq(ranges: &mut Vec<(u64, u64)>, seq: u64) -> bool {
 }
 
 /// Increments and returns the origin's seq in a sorted version vector.
-/// The highest contiguous seq of `origin` in a sorted version vector (0 when absent).
-pub(crate) fn vv_get(vv: &[(u64, u64)], origin: u64) -> u64 {
-    vv.binary_search_by_key(&origin, |(o, _)| *o)
-        .map(|i| vv[i].1)
-        .unwrap_or(0)
-}
-
-fn vv_set(vv: &mut Vec<(u64, u64)>, origin: u64, seq: u64) {
-    match vv.binary_search_by_key(&origin, |(o, _)| *o) {
-        Ok(i) => vv[i].1 = seq,
-        Err(i) => vv.insert(i, (origin, seq)),
-    }
-}
+pub(crate) use crate::replication::core::vv_get;
+use crate::replication::core::{Accept, accept};
 
 fn bump_seq(vv: &mut Vec<(u64, u64)>, origin: u64) -> u64 {
     match vv.binary_search_by_key(&origin, |(o, _)| *o) {

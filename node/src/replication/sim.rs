@@ -1,0 +1,1 @@
+//! Deterministic multi-node simulation of the replication protocol (to be written).
