@@ -127,6 +127,7 @@ impl Node {
         )
         .await?;
         let gossip_addr = membership.gossip_addr;
+        let (remote, _) = tokio::sync::broadcast::channel(1024);
         let replication = Replication::start(
             storage.clone(),
             node_name.clone(),
@@ -135,6 +136,7 @@ impl Node {
             peer,
             config.cluster.ack_timeout,
             config.cluster.anti_entropy_interval,
+            remote.clone(),
             cluster_tracker.clone(),
             cluster_stop.clone(),
         );
@@ -143,6 +145,7 @@ impl Node {
             routes,
             config.mqtt.clone(),
             replication.clone(),
+            remote,
         );
         tracker.spawn(crate::mqtt::serve(
             mqtt,

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -80,6 +81,84 @@ pub struct ReadQuery {
     /// Long poll: wait up to this long for a record when none is there yet.
     #[serde(default)]
     wait_ms: Option<u64>,
+    /// Resume by version vector instead of offset (offsets differ between replicas):
+    /// `ORIGIN:SEQ,...` (origin in hex) of what the reader already has; `after=` (empty)
+    /// reads from the start. The reply's `version_vector` is the value for the next page.
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// Parses `ORIGIN:SEQ,...` (origin in hex) into a sorted version vector.
+pub fn parse_vv(s: &str) -> Result<Vec<(u64, u64)>, String> {
+    let mut vv: Vec<(u64, u64)> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (o, q) = part
+            .split_once(':')
+            .ok_or_else(|| format!("{part:?} is not ORIGIN:SEQ"))?;
+        let o = u64::from_str_radix(o, 16).map_err(|_| format!("origin {o:?} is not hex"))?;
+        let q: u64 = q
+            .parse()
+            .map_err(|_| format!("seq {q:?} is not a number"))?;
+        let q = q.max(crate::replication::core::vv_get(&vv, o));
+        crate::replication::core::vv_set(&mut vv, o, q);
+    }
+    Ok(vv)
+}
+
+/// Formats a version vector as `ORIGIN:SEQ,...`.
+pub fn format_vv(vv: &[(u64, u64)]) -> String {
+    vv.iter()
+        .map(|(o, q)| format!("{o:016x}:{q}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Header marking a read another node forwarded here (served locally, never forwarded on).
+const FORWARDED: &str = "x-shoal-forwarded";
+
+/// When this node does not replicate the partition, the address of a live replica to
+/// forward a read to.
+fn forward_target(
+    s: &AppState,
+    topic: &str,
+    partition: u32,
+    headers: &HeaderMap,
+) -> Option<String> {
+    if headers.contains_key(FORWARDED) {
+        return None;
+    }
+    let cfg = s.storage.topic(topic)?;
+    let view = s.view.borrow().clone();
+    let replicas = view.replicas(topic, partition, cfg.replication_factor);
+    if replicas.contains(&view.me) {
+        return None;
+    }
+    replicas
+        .first()
+        .and_then(|r| view.peer(r))
+        .map(|m| m.http_addr.clone())
+}
+
+/// Serves a read from another node (a live replica), passing its reply through.
+async fn forward(s: &AppState, http_addr: &str, uri: &Uri) -> Result<Response, ApiError> {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let me = s.view.borrow().me.clone();
+    let resp = reqwest::Client::new()
+        .get(format!("http://{http_addr}{path}"))
+        .header(FORWARDED, me)
+        .timeout(Duration::from_secs(70))
+        .send()
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("this node does not hold the partition and its replica at {http_addr} did not answer: {e}"),
+        })?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = resp.bytes().await.map_err(|e| ApiError {
+        status: StatusCode::BAD_GATEWAY,
+        message: format!("reading the forwarded reply failed: {e}"),
+    })?;
+    Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// Where a read starts.
@@ -163,13 +242,53 @@ async fn read_page(
 /// `GET /v1/topics/{topic}/partitions/{p}/records?from=&limit=&wait_ms=`
 pub async fn read(
     State(s): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
     path: Result<Path<(String, u32)>, axum::extract::rejection::PathRejection>,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Path((topic, partition)) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if let Some(addr) = forward_target(&s, &topic, partition, &headers) {
+        return forward(&s, &addr, &uri).await;
+    }
     let partition = PartitionId(partition);
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIMIT);
+    if let Some(after) = &q.after {
+        if q.from.is_some() {
+            return Err(ApiError::bad_request(
+                "give either from= or after=, not both",
+            ));
+        }
+        let have =
+            parse_vv(after).map_err(|e| ApiError::bad_request(format!("after={after:?}: {e}")))?;
+        let storage = s.storage.clone();
+        let t = topic.clone();
+        let h = have.clone();
+        let (records, _) = tokio::task::spawn_blocking(move || {
+            storage.scan_missing(&t, partition, Offset(0), &h, None, limit, 4 << 20)
+        })
+        .await??;
+        let mut vv = have;
+        for r in &records {
+            let (o, q) = (r.id.origin.0, r.id.seq.0);
+            if q > crate::replication::core::vv_get(&vv, o) {
+                crate::replication::core::vv_set(&mut vv, o, q);
+            }
+        }
+        return Ok(axum::Json(json!({
+            "topic": topic,
+            "partition": partition.0,
+            "records": records.iter().map(|r| {
+                let mut v = record_json(partition.0, Offset(0), r);
+                if let Some(m) = v.as_object_mut() { m.remove("offset"); }
+                v
+            }).collect::<Vec<_>>(),
+            "version_vector": format_vv(&vv),
+            "served_by": s.view.borrow().me,
+        }))
+        .into_response());
+    }
     let from = resolve_from(&s, &topic, partition, parse_from(q.from.as_deref())?).await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
@@ -199,7 +318,9 @@ pub async fn read(
         "next_offset": next.0,
         "log_start": batch.log_start.0,
         "end_offset": batch.next_offset.0,
-    })))
+        "served_by": s.view.borrow().me,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]

@@ -35,6 +35,8 @@ pub struct Broker {
     pub routes: RouteTable,
     pub settings: MqttSettings,
     pub replication: crate::replication::Replication,
+    /// Records of partitions this node does not replicate, relayed by their coordinators.
+    pub remote: tokio::sync::broadcast::Sender<crate::replication::RemoteBatch>,
     registry: Mutex<HashMap<String, Registration>>,
 }
 
@@ -51,12 +53,14 @@ impl Broker {
         routes: RouteTable,
         settings: MqttSettings,
         replication: crate::replication::Replication,
+        remote: tokio::sync::broadcast::Sender<crate::replication::RemoteBatch>,
     ) -> Arc<Broker> {
         Arc::new(Broker {
             storage,
             routes,
             settings,
             replication,
+            remote,
             registry: Mutex::new(HashMap::new()),
         })
     }

@@ -87,6 +87,8 @@ struct Conn {
     /// The live feed of committed records, held only while the session has subscriptions:
     /// a publish-only device is never woken by other devices' commits.
     live: Option<broadcast::Receiver<crate::storage::CommittedBatch>>,
+    /// Relayed publishes of partitions other nodes hold (joined with `live`).
+    remote: Option<broadcast::Receiver<crate::replication::RemoteBatch>>,
 }
 
 /// Runs one connection to its end.
@@ -171,6 +173,7 @@ pub async fn run(
         batch_started: None,
         catch_up: None,
         live: None,
+        remote: None,
     };
     let session_present = match conn.load_session().await {
         Ok(p) => p,
@@ -304,6 +307,7 @@ impl Conn {
                 self.outbox.restore(subs, s.cursors);
                 if self.outbox.has_subscriptions() {
                     self.live = Some(self.broker.storage.subscribe_committed());
+                    self.remote = Some(self.broker.remote.subscribe());
                 }
                 Ok(true)
             }
@@ -449,6 +453,22 @@ impl Conn {
                         self.outbox.lagged();
                     }
                     Err(broadcast::error::RecvError::Closed) => return End::Shutdown,
+                },
+                batch = async {
+                    match &mut self.remote {
+                        Some(l) => l.recv().await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.remote.is_some() => match batch {
+                    Ok(batch) => {
+                        for r in batch.iter() {
+                            self.outbox.offer_remote(&r.subject, r.payload.clone(), r.mqtt_qos());
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(client_id = %self.client_id, skipped = n, "relayed feed lagged; those publishes are not delivered here");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => self.remote = None,
                 },
                 read = async {
                     match &mut self.catch_up {
@@ -679,6 +699,7 @@ impl Conn {
         // is missed (anything older than the ends is skipped by the cursors).
         if self.live.is_none() {
             self.live = Some(self.broker.storage.subscribe_committed());
+            self.remote = Some(self.broker.remote.subscribe());
         }
         let storage = self.broker.storage.clone();
         // Current log ends: a new subscription starts at "now".
@@ -748,6 +769,7 @@ impl Conn {
         }
         if !self.outbox.has_subscriptions() {
             self.live = None;
+            self.remote = None;
         }
         if self.persistent {
             self.persist().await.map_err(|e| e.to_string())?;

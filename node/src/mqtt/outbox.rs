@@ -45,6 +45,9 @@ pub struct Outbox {
     inflight_offsets: HashMap<PartKey, BTreeSet<u64>>,
     pending: VecDeque<Committed>,
     retained: VecDeque<Publish>,
+    /// Publishes of partitions this node does not replicate, relayed live by their
+    /// coordinator: sent as they come, never read back from a log (see `offer_remote`).
+    direct: VecDeque<Publish>,
     catch_up: BTreeSet<PartKey>,
     next_pkid: u16,
     max_inflight: usize,
@@ -89,6 +92,7 @@ impl Outbox {
             inflight_offsets: HashMap::new(),
             pending: VecDeque::new(),
             retained: VecDeque::new(),
+            direct: VecDeque::new(),
             catch_up: BTreeSet::new(),
             next_pkid: 0,
             max_inflight: max_inflight.max(1),
@@ -161,6 +165,21 @@ impl Outbox {
         self.pending.push_back(c);
     }
 
+    /// A record of a partition this node does not hold, relayed live by the node that took
+    /// it. There is no local log to resume from, so it is delivered while the session is
+    /// connected only (the oldest are dropped past `MAX_PENDING`).
+    pub fn offer_remote(&mut self, subject: &str, payload: bytes::Bytes, record_qos: u8) {
+        let Some(granted) = self.best_qos(subject) else {
+            return;
+        };
+        let qos = min_qos(qos_from(record_qos), granted);
+        if self.direct.len() >= self.max_pending {
+            self.direct.pop_front();
+        }
+        self.direct
+            .push_back(Publish::from_bytes(subject.to_string(), qos, payload));
+    }
+
     /// The live feed lost records: read every known partition again from its cursor.
     pub fn lagged(&mut self) {
         self.pending.clear();
@@ -213,6 +232,25 @@ impl Outbox {
                 return;
             }
             let Some(mut p) = self.retained.pop_front() else {
+                break;
+            };
+            if p.qos != QoS::AtMostOnce {
+                p.pkid = self.alloc_pkid();
+                self.inflight.insert(
+                    p.pkid,
+                    Inflight {
+                        pos: None,
+                        state: OutState::Sent,
+                    },
+                );
+            }
+            out.push(Packet::Publish(p));
+        }
+        while let Some(p) = self.direct.front() {
+            if p.qos != QoS::AtMostOnce && !self.window_open() {
+                return;
+            }
+            let Some(mut p) = self.direct.pop_front() else {
                 break;
             };
             if p.qos != QoS::AtMostOnce {

@@ -30,6 +30,9 @@ use crate::types::{PartitionId, RecordId};
 
 pub use self::core::Vv;
 
+/// Relayed records of partitions this node does not replicate, for live MQTT subscribers.
+pub type RemoteBatch = Arc<Vec<Arc<Record>>>;
+
 /// Work for the outbound connection to one peer.
 #[derive(Debug)]
 pub enum Control {
@@ -61,6 +64,8 @@ pub(crate) struct Shared {
     pub tracker: TaskTracker,
     /// Local IP outbound peer connections bind to (the peer listener's, when specified).
     pub bind_ip: Option<std::net::IpAddr>,
+    /// Where relayed live records go (the MQTT broker's subscribers).
+    pub remote: tokio::sync::broadcast::Sender<RemoteBatch>,
 }
 
 /// Handle to the replication drivers; cheap to clone.
@@ -90,6 +95,7 @@ impl Replication {
         listener: TcpListener,
         ack_timeout: Duration,
         anti_entropy: Duration,
+        remote: tokio::sync::broadcast::Sender<RemoteBatch>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Replication {
@@ -100,6 +106,7 @@ impl Replication {
             .filter(|ip| !ip.is_unspecified());
         let shared = Arc::new(Shared {
             bind_ip,
+            remote,
             origin: storage.origin().0,
             storage,
             me,

@@ -249,6 +249,13 @@ async fn inbound(s: Arc<Shared>, stream: TcpStream) -> Result<(), String> {
                         only: None,
                     },
                 ),
+                Frame::Live { records, .. } => {
+                    let batch: Vec<Arc<Record>> = records
+                        .into_iter()
+                        .map(|r| Arc::new(Record::from(r)))
+                        .collect();
+                    let _ = s.remote.send(Arc::new(batch));
+                }
                 Frame::Hello { .. } => return Err(format!("second Hello from {peer}")),
                 Frame::Ack { .. } | Frame::Gap { .. } => {}
             }
@@ -418,12 +425,22 @@ async fn session(
                 Ok(batch) => {
                     let view = s.view.borrow().clone();
                     let mut frames: Vec<(Arc<str>, u32, Vec<WireRecord>)> = Vec::new();
+                    let mut live_frames: Vec<(Arc<str>, u32, Vec<WireRecord>)> = Vec::new();
                     for c in batch.iter() {
                         if c.record.id.origin.0 != s.origin {
                             continue;
                         }
                         let Some(cfg) = s.storage.topic(&c.topic) else { continue };
                         if !view.replicas(&c.topic, c.partition.0, cfg.replication_factor).iter().any(|r| r == peer) {
+                            // Not stored there: relayed for its live MQTT subscribers only.
+                            if !c.topic.starts_with('_') {
+                                match live_frames.last_mut() {
+                                    Some((t, p, v)) if *t == c.topic && *p == c.partition.0 && v.len() < BATCH_RECORDS => {
+                                        v.push(WireRecord::from((*c.record).clone()));
+                                    }
+                                    _ => live_frames.push((c.topic.clone(), c.partition.0, vec![WireRecord::from((*c.record).clone())])),
+                                }
+                            }
                             continue;
                         }
                         // A hole in what this connection sent (a placement change, a lag) is
@@ -446,6 +463,9 @@ async fn session(
                     for (topic, partition, records) in frames {
                         METRICS.replication_records_sent.inc_by(records.len() as u64);
                         writer.feed(Frame::Append { topic: topic.to_string(), partition, records }).await.map_err(|e| e.to_string())?;
+                    }
+                    for (topic, partition, records) in live_frames {
+                        writer.feed(Frame::Live { topic: topic.to_string(), partition, records }).await.map_err(|e| e.to_string())?;
                     }
                     writer.flush().await.map_err(|e| e.to_string())?;
                 }

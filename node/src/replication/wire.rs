@@ -72,6 +72,13 @@ pub enum Frame {
         partition: u32,
         version_vector: Vec<(u64, u64)>,
     },
+    /// Records of a partition the receiver does not replicate, for its live MQTT
+    /// subscribers only (not stored).
+    Live {
+        topic: String,
+        partition: u32,
+        records: Vec<WireRecord>,
+    },
 }
 
 /// The version two peers speak, if their ranges overlap.
@@ -219,15 +226,33 @@ mod tests {
             },
             GOLDEN[5],
         );
+        check(
+            Frame::Live {
+                topic: "t".into(),
+                partition: 2,
+                records: vec![WireRecord {
+                    origin: 5,
+                    seq: 1,
+                    event_time_ms: 7,
+                    ingest_time_ms: 8,
+                    key: Bytes::from_static(b"k"),
+                    subject: "s".into(),
+                    payload: Bytes::from_static(b"p"),
+                    headers: vec![],
+                }],
+            },
+            GOLDEN[6],
+        );
     }
 
-    const GOLDEN: [&str; 6] = [
+    const GOLDEN: [&str; 7] = [
         "00000008000163016e050101",
         "00000010010174020105010708016b0173017000",
         "000000070201740205ac02",
         "00000006030174020509",
         "000000080401740001050901",
         "000000050501740000",
+        "00000010060174020105010708016b0173017000",
     ];
 
     #[test]
