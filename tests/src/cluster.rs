@@ -343,7 +343,7 @@ impl Cluster {
     /// Every record of `topic` node `i` holds itself (no forwarding): payload -> count, and
     /// the number of distinct record ids.
     pub async fn local_payloads(&self, i: usize, topic: &str) -> (HashMap<String, usize>, usize) {
-        let recs = crate::all_records(&self.nodes[i].url(), topic).await;
+        let recs = crate::local_records(&self.nodes[i].url(), topic).await;
         let mut ids = HashSet::new();
         let mut payloads: HashMap<String, usize> = HashMap::new();
         for r in &recs {

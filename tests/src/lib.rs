@@ -105,6 +105,15 @@ pub async fn http_get(base: &str, path: &str) -> Value {
 
 /// Every record of a topic (all partitions), through the HTTP API.
 pub async fn all_records(base: &str, topic: &str) -> Vec<Value> {
+    all_records_where(base, topic, "").await
+}
+
+/// Every record of a topic that this node holds itself (no forwarding to replicas).
+pub async fn local_records(base: &str, topic: &str) -> Vec<Value> {
+    all_records_where(base, topic, "&scope=local").await
+}
+
+async fn all_records_where(base: &str, topic: &str, extra: &str) -> Vec<Value> {
     let t = http_get(base, &format!("/v1/topics/{topic}")).await;
     let parts = t["partitions"].as_u64().expect("partitions");
     let mut out = Vec::new();
@@ -113,7 +122,9 @@ pub async fn all_records(base: &str, topic: &str) -> Vec<Value> {
         loop {
             let v = http_get(
                 base,
-                &format!("/v1/topics/{topic}/partitions/{p}/records?from={from}&limit=10000"),
+                &format!(
+                    "/v1/topics/{topic}/partitions/{p}/records?from={from}&limit=10000{extra}"
+                ),
             )
             .await;
             let recs = v["records"].as_array().cloned().unwrap_or_default();

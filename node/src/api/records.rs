@@ -86,6 +86,10 @@ pub struct ReadQuery {
     /// reads from the start. The reply's `version_vector` is the value for the next page.
     #[serde(default)]
     after: Option<String>,
+    /// `local`: serve from this node's copy even when it does not replicate the partition
+    /// (by default such reads are forwarded to a replica).
+    #[serde(default)]
+    scope: Option<String>,
 }
 
 /// Parses `ORIGIN:SEQ,...` (origin in hex) into a sorted version vector.
@@ -249,8 +253,18 @@ pub async fn read(
 ) -> Result<Response, ApiError> {
     let Path((topic, partition)) = path.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    if let Some(addr) = forward_target(&s, &topic, partition, &headers) {
-        return forward(&s, &addr, &uri).await;
+    match q.scope.as_deref() {
+        None => {
+            if let Some(addr) = forward_target(&s, &topic, partition, &headers) {
+                return forward(&s, &addr, &uri).await;
+            }
+        }
+        Some("local") => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "scope={other:?}: use scope=local or leave it out"
+            )));
+        }
     }
     let partition = PartitionId(partition);
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIMIT);
