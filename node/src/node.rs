@@ -102,14 +102,6 @@ impl Node {
             timeout: config.consumers.batch_timeout,
             memory_bytes: config.consumers.memory_mb << 20,
         };
-        let consumers = Consumers::start(
-            storage.clone(),
-            limits,
-            tracker.clone(),
-            shutdown.clone(),
-            node_name.clone(),
-        )
-        .await?;
         let membership = Membership::start(
             &config.cluster,
             config.gossip_addr,
@@ -140,6 +132,15 @@ impl Node {
             cluster_tracker.clone(),
             cluster_stop.clone(),
         );
+        let consumers = Consumers::start(
+            storage.clone(),
+            limits,
+            tracker.clone(),
+            shutdown.clone(),
+            node_name.clone(),
+            membership.view.clone(),
+        )
+        .await?;
         let broker = Broker::new(
             storage.clone(),
             routes,

@@ -63,7 +63,17 @@ async fn topics_create_list_describe_and_errors() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, vec!["_alerts", "_dlq", "sensors", "telemetry"]);
+    assert_eq!(
+        names,
+        vec![
+            "_alerts",
+            "_checkpoints",
+            "_consumers",
+            "_dlq",
+            "sensors",
+            "telemetry"
+        ]
+    );
     let d = n.get("/v1/topics/sensors").await;
     assert_eq!(d["partitions_detail"].as_array().unwrap().len(), 4);
     let missing = reqwest::get(format!("{base}/v1/topics/nope"))

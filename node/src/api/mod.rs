@@ -198,7 +198,9 @@ async fn cluster(State(s): State<AppState>) -> axum::Json<Value> {
                 "replication_factor": t.replication_factor,
                 "replicas": r,
                 "owner": r.first(),
-                "under_replicated": (r.len() as u32) < t.replication_factor,
+                // Fewer live replicas than the cluster can give it (R capped by members
+                // known, dead ones included): a member is down.
+                "under_replicated": r.len() < (t.replication_factor as usize).min(view.members.len()),
             }));
         }
     }

@@ -352,7 +352,10 @@ pub(super) async fn cluster(url: &str) -> anyhow::Result<()> {
         );
     }
     if under > 0 {
-        println!("\n{under} partitions have fewer live replicas than their replication factor");
+        println!(
+            "\n{under} partitions have fewer live replicas than they should: a member is down \
+             (anti-entropy re-replicates to the live nodes)"
+        );
     }
     Ok(())
 }

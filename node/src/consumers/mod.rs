@@ -1,6 +1,6 @@
-//! WebAssembly consumers: deploy, run, checkpoint. The node owns every partition while it
-//! runs alone, so it runs every deployment's partitions; with clustering, only a
-//! partition's owner will.
+//! WebAssembly consumers: deploy, run, checkpoint. Every node knows every deployment
+//! ([`cluster`] replicates deploys and checkpoints), and a partition is processed by its
+//! owner only (rank 0 of its placement); a lone node owns everything.
 //!
 //! Per deployment one task walks the topic's partitions in order. For each partition it
 //! reads the next records from the consumer's checkpoint, hands the ones matching the
@@ -14,6 +14,7 @@
 //! written twice; alert ids are derived from (consumer, topic, partition, record id, index)
 //! so a reprocessed record yields the same id.
 
+pub mod cluster;
 pub mod runtime;
 
 use std::collections::HashMap;
@@ -51,7 +52,7 @@ const MAX_OUTPUTS: usize = 50_000;
 
 /// Topics the consumer runtime needs; created at start-up.
 pub fn internal_topics() -> Vec<TopicConfig> {
-    [ALERTS_TOPIC, DLQ_TOPIC]
+    let mut v: Vec<TopicConfig> = [ALERTS_TOPIC, DLQ_TOPIC]
         .iter()
         .map(|name| TopicConfig {
             name: (*name).into(),
@@ -62,7 +63,9 @@ pub fn internal_topics() -> Vec<TopicConfig> {
             retention_bytes: None,
             created_ms: now_ms(),
         })
-        .collect()
+        .collect();
+    v.extend(cluster::topics());
+    v
 }
 
 /// A deploy request (from the API or the CLI).
@@ -147,6 +150,7 @@ struct Inner {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     node_name: String,
+    view: tokio::sync::watch::Receiver<Arc<crate::cluster::View>>,
 }
 
 /// The consumer manager; cheap to clone.
@@ -199,6 +203,7 @@ impl Consumers {
         tracker: TaskTracker,
         shutdown: CancellationToken,
         node_name: String,
+        view: tokio::sync::watch::Receiver<Arc<crate::cluster::View>>,
     ) -> anyhow::Result<Consumers> {
         let fuel = limits.fuel_per_record > 0;
         let runtime = Arc::new(tokio::task::spawn_blocking(move || Runtime::new(fuel)).await??);
@@ -212,6 +217,7 @@ impl Consumers {
                 tracker,
                 shutdown,
                 node_name,
+                view,
             }),
         };
         let st = storage.clone();
@@ -232,7 +238,91 @@ impl Consumers {
                 }
             }
         }
+        me.inner.tracker.spawn(cluster::sync(me.clone()));
         Ok(me)
+    }
+
+    /// Whether this node's runner of `name` currently owns `partition`.
+    fn owns(&self, name: &str, partition: u32) -> bool {
+        let Some(topic) = self
+            .inner
+            .deployments
+            .lock()
+            .ok()
+            .and_then(|d| d.get(name).map(|d| d.spec.topic.clone()))
+        else {
+            return false;
+        };
+        let Some(cfg) = self.inner.storage.topic(&topic) else {
+            return false;
+        };
+        let view = self.inner.view.borrow().clone();
+        view.replicas(&topic, partition, cfg.replication_factor)
+            .first()
+            .is_some_and(|o| *o == view.me)
+    }
+
+    /// Another node deployed `spec`: store and run it here unless this node already runs
+    /// that deploy or a later one.
+    async fn apply_deploy(&self, spec: ConsumerSpec, module: Bytes) -> Result<(), String> {
+        let _guard = self.inner.deploy_lock.lock().await;
+        let current = self
+            .inner
+            .deployments
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&spec.name).map(|d| d.spec.clone()));
+        if current.is_some_and(|c| (c.deployed_ms, c.version) >= (spec.deployed_ms, spec.version)) {
+            return Ok(());
+        }
+        if self.inner.storage.topic(&spec.topic).is_none() {
+            return Err(format!("topic {:?} is not known here yet", spec.topic));
+        }
+        let rt = self.inner.runtime.clone();
+        let bytes = module.clone();
+        let compiled = tokio::task::spawn_blocking(move || rt.compile(&bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.inner
+            .storage
+            .write(vec![
+                Op::PutModule {
+                    sha256: spec.module_sha256.clone(),
+                    bytes: module,
+                },
+                Op::PutConsumer(spec.clone()),
+            ])
+            .await
+            .map_err(|e| e.to_string())?;
+        self.stop(&spec.name).await;
+        tracing::info!(consumer = %spec.name, version = spec.version, "consumer deployed by a peer");
+        self.launch(spec, compiled);
+        Ok(())
+    }
+
+    /// Another node removed `name`.
+    async fn apply_remove(&self, name: &str, at_ms: u64) -> Result<(), String> {
+        let _guard = self.inner.deploy_lock.lock().await;
+        let current = self
+            .inner
+            .deployments
+            .lock()
+            .ok()
+            .and_then(|d| d.get(name).map(|d| d.spec.clone()));
+        if current.is_none_or(|c| c.deployed_ms > at_ms) {
+            return Ok(());
+        }
+        self.stop(name).await;
+        self.inner
+            .storage
+            .write(vec![Op::DeleteConsumer {
+                name: name.to_string(),
+            }])
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(consumer = %name, "consumer removed by a peer");
+        Ok(())
     }
 
     /// Validates, stores and (re)starts a consumer. A redeploy under the same name keeps
@@ -300,6 +390,7 @@ impl Consumers {
             deployed_ms: now_ms(),
         };
         let mut ops = vec![
+            cluster::deploy_op(&spec, &req.module),
             Op::PutModule {
                 sha256: sha,
                 bytes: req.module,
@@ -313,13 +404,13 @@ impl Consumers {
                 (0..topic.partitions)
                     .map(|p| {
                         st.partition_meta(&t, PartitionId(p))
-                            .map(|m| (p, m.next_offset))
+                            .map(|m| (p, m.next_offset, m.version_vector))
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
             .await
             .map_err(|e| DeployError::BadRequest(e.to_string()))??;
-            for (p, end) in ends {
+            for (p, end, vv) in ends {
                 let has = {
                     let st = self.inner.storage.clone();
                     let n = spec.name.clone();
@@ -329,14 +420,17 @@ impl Consumers {
                         .is_some()
                 };
                 if !has {
+                    // The version vector says "everything up to now" on every node.
+                    let checkpoint = Checkpoint {
+                        offset: end,
+                        version_vector: vv,
+                        updated_ms: now_ms(),
+                    };
+                    ops.push(cluster::checkpoint_op(&spec, p, &checkpoint, &[]));
                     ops.push(Op::ConsumerCommit {
                         name: spec.name.clone(),
                         partition: p,
-                        checkpoint: Checkpoint {
-                            offset: end,
-                            version_vector: Vec::new(),
-                            updated_ms: now_ms(),
-                        },
+                        checkpoint,
                         state: Vec::new(),
                     });
                 }
@@ -360,9 +454,12 @@ impl Consumers {
         }
         self.inner
             .storage
-            .write(vec![Op::DeleteConsumer {
-                name: name.to_string(),
-            }])
+            .write(vec![
+                cluster::remove_op(name),
+                Op::DeleteConsumer {
+                    name: name.to_string(),
+                },
+            ])
             .await?;
         tracing::info!(consumer = %name, "consumer removed");
         Ok(())
@@ -474,6 +571,8 @@ struct PartState {
     /// While set, records up to this offset are processed one at a time to find the one
     /// that fails.
     isolate_until: Option<u64>,
+    /// This node owned the partition at the last step.
+    owned: bool,
 }
 
 struct Runner {
@@ -536,8 +635,10 @@ impl Runner {
         }
         self.set_state("running");
         let mut commits = self.inner.storage.watch_commits();
+        let mut view = self.inner.view.clone();
         while !self.cancel.is_cancelled() {
             commits.borrow_and_update();
+            view.borrow_and_update();
             let mut progressed = false;
             for p in 0..topic.partitions {
                 if self.cancel.is_cancelled() {
@@ -562,6 +663,7 @@ impl Runner {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = commits.changed() => {}
+                _ = view.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -570,6 +672,33 @@ impl Runner {
 
     /// Processes one batch of partition `p`; `Ok(true)` when it moved forward.
     async fn step(&mut self, topic: &TopicConfig, p: u32) -> Result<bool, StorageError> {
+        // Only the partition's owner processes it (I7).
+        let view = self.inner.view.borrow().clone();
+        let owner = view
+            .replicas(&topic.name, p, topic.replication_factor)
+            .first()
+            .cloned()
+            .unwrap_or_default();
+        let mine = owner == view.me;
+        self.with_status(p, |s| s.owner = owner.clone());
+        if !mine {
+            self.parts[p as usize].owned = false;
+            return Ok(false);
+        }
+        if !self.parts[p as usize].owned {
+            // Newly owned: the checkpoint may have been advanced by the previous owner's
+            // replicated checkpoints, and the instance's cached state with it.
+            let st = self.inner.storage.clone();
+            let name = self.spec.name.clone();
+            let cp = tokio::task::spawn_blocking(move || st.checkpoint(&name, p))
+                .await
+                .map_err(|e| StorageError::Db(e.to_string()))??
+                .unwrap_or_default();
+            self.instances.remove(&p);
+            let ps = &mut self.parts[p as usize];
+            ps.checkpoint = cp;
+            ps.owned = true;
+        }
         let ps = self.parts[p as usize].clone();
         if ps.retry_at.is_some_and(|t| Instant::now() < t) {
             return Ok(false);
@@ -599,10 +728,15 @@ impl Runner {
             return Ok(false);
         }
         let records = batch.records;
+        // Records the checkpoint's version vector covers were processed by a previous owner.
+        let done = &ps.checkpoint.version_vector;
         let selected: Vec<usize> = records
             .iter()
             .enumerate()
-            .filter(|(_, (_, r))| matches(&self.spec.filter, &r.subject))
+            .filter(|(_, (_, r))| {
+                r.id.seq.0 > crate::replication::core::vv_get(done, r.id.origin.0)
+                    && matches(&self.spec.filter, &r.subject)
+            })
             .map(|(i, _)| i)
             .collect();
         let last = records.last().map_or(from, |(o, _)| o.0);
@@ -768,6 +902,7 @@ impl Runner {
                     event_time_ms: Some(r.event_time_ms),
                 },
             },
+            cluster::checkpoint_op(&self.spec, p, &checkpoint, &[]),
             Op::ConsumerCommit {
                 name: name.clone(),
                 partition: p,
@@ -889,6 +1024,12 @@ impl Runner {
             version_vector: vv,
             updated_ms: now_ms(),
         };
+        ops.push(cluster::checkpoint_op(
+            &self.spec,
+            p,
+            &checkpoint,
+            &out.state,
+        ));
         ops.push(Op::ConsumerCommit {
             name: self.spec.name.clone(),
             partition: p,
