@@ -154,7 +154,7 @@ pub async fn sync(consumers: Consumers) {
                 }
                 let mut stuck = false;
                 for (offset, r) in &batch.records {
-                    if r.id.origin != inner.storage.origin()
+                    if !inner.storage.is_own(r.id.origin.0)
                         && let Err(e) = apply(&consumers, r).await
                     {
                         // Retried on the next pass (e.g. the topic is not known here yet).

@@ -135,24 +135,24 @@ impl Replication {
         let s = &self.shared;
         let view = s.view.borrow().clone();
         // Per stream, only the highest seq matters: copies are contiguous prefixes.
-        let mut top: BTreeMap<(Arc<str>, u32), u64> = BTreeMap::new();
+        let mut top: BTreeMap<(Arc<str>, u32, u64), u64> = BTreeMap::new();
         for (t, p, id) in writes {
-            if id.origin.0 != s.origin {
+            if !s.storage.is_own(id.origin.0) {
                 continue;
             }
-            let e = top.entry((t.clone(), p.0)).or_insert(0);
+            let e = top.entry((t.clone(), p.0, id.origin.0)).or_insert(0);
             *e = (*e).max(id.seq.0);
         }
         let mut pending = Vec::new();
         {
             let mut acks = lock(&s.acks);
-            for ((t, p), seq) in top {
+            for ((t, p, origin), seq) in top {
                 let Some(cfg) = s.storage.topic(&t) else {
                     continue;
                 };
                 let replicas = view.replicas(&t, p, cfg.replication_factor);
                 let needed = view.required(cfg.acks, cfg.replication_factor);
-                let key = (t.to_string(), p, s.origin);
+                let key = (t.to_string(), p, origin);
                 acks.on_durable(&key, &s.me, seq);
                 let (tx, rx) = oneshot::channel();
                 if acks.wait(key, seq, needed, replicas.clone(), tx).is_none() {
@@ -196,7 +196,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Shared {
     /// A peer said it durably holds `origin` up to `seq` of a partition.
     pub(crate) fn on_ack(&self, node: &str, topic: &str, partition: u32, origin: u64, seq: u64) {
-        if origin != self.origin {
+        if !self.storage.is_own(origin) {
             return;
         }
         let key = (topic.to_string(), partition, origin);
@@ -209,6 +209,11 @@ impl Shared {
     /// A peer's digest of a partition: remember it, and push what it lacks when it is a
     /// replica.
     pub(crate) async fn on_digest(&self, node: &str, topic: String, partition: u32, vv: Vv) {
+        // A digest reports durable copies: it acknowledges this node's streams too, so a
+        // write whose acks were lost with a connection is still acknowledged (I4).
+        for (o, seq) in &vv {
+            self.on_ack(node, &topic, partition, *o, *seq);
+        }
         lock(&self.peer_vvs).insert((node.to_string(), topic.clone(), partition), vv.clone());
         let Some(cfg) = self.storage.topic(&topic) else {
             return;

@@ -427,7 +427,7 @@ async fn session(
                     let mut frames: Vec<(Arc<str>, u32, Vec<WireRecord>)> = Vec::new();
                     let mut live_frames: Vec<(Arc<str>, u32, Vec<WireRecord>)> = Vec::new();
                     for c in batch.iter() {
-                        if c.record.id.origin.0 != s.origin {
+                        if !s.storage.is_own(c.record.id.origin.0) {
                             continue;
                         }
                         let Some(cfg) = s.storage.topic(&c.topic) else { continue };
@@ -483,7 +483,7 @@ async fn session(
                     continue;
                 }
                 handled_gaps.insert(key, have);
-                let from = if origin == s.origin {
+                let from = if s.storage.is_own(origin) {
                     index
                         .get(&(Arc::from(topic.as_str()), partition))
                         .and_then(|idx| idx.range(..=have + 1).next_back().map(|(_, o)| *o))

@@ -32,6 +32,10 @@ use crate::types::{Offset, Origin, PartitionId, RecordId};
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
 const PARTITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("partitions");
+/// The origin this node writes a partition's new records under, when it is not the node's
+/// origin: after a handoff dropped every record of its previous own stream, a fresh origin
+/// keeps the version vector truthful (it never claims ids this node no longer holds).
+const OWN_ORIGINS: TableDefinition<(&str, u32), u64> = TableDefinition::new("own_origins");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_retained");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_sessions");
 const INBOUND: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("mqtt_inbound");
@@ -299,6 +303,7 @@ struct Inner {
     commits: watch::Receiver<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
+    own_set: Arc<RwLock<std::collections::HashSet<u64>>>,
 }
 
 /// Handle to the node's storage; cheap to clone.
@@ -385,6 +390,12 @@ impl Storage {
             InitError::Db(d) => corrupt(d),
         })?;
         let (topics, parts) = load_state(&db).map_err(|e| corrupt(e.to_string()))?;
+        let own = load_own_origins(&db).map_err(|e| corrupt(e.to_string()))?;
+        let mut own_set: std::collections::HashSet<u64> = own.values().copied().collect();
+        own_set.insert(origin.0);
+        // Earlier own streams that were handed off are recorded too (they may still be
+        // held elsewhere and acknowledged through this node).
+        let own_set = Arc::new(RwLock::new(own_set));
         let db = Arc::new(db);
         let topics = Arc::new(RwLock::new(topics));
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
@@ -400,6 +411,8 @@ impl Storage {
             max_batch_ops: config.max_batch_ops.max(1),
             failed: None,
             producers: HashMap::new(),
+            own,
+            own_set: own_set.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("shoal-storage-writer".into())
@@ -415,6 +428,7 @@ impl Storage {
                 commits,
                 writer: Mutex::new(Some(handle)),
                 path,
+                own_set,
             }),
         })
     }
@@ -425,6 +439,18 @@ impl Storage {
     }
 
     /// Path of the redb file.
+    /// Whether `origin` is one this node writes (or wrote) records under: its data
+    /// directory's origin, or a partition's fresh origin after a handoff.
+    pub fn is_own(&self, origin: u64) -> bool {
+        origin == self.inner.origin.0
+            || self
+                .inner
+                .own_set
+                .read()
+                .map(|s| s.contains(&origin))
+                .unwrap_or(false)
+    }
+
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
@@ -921,6 +947,19 @@ fn read_producer(
         Some(v) => decode_in("producers", v.value()),
         None => Ok(Vec::new()),
     }
+}
+
+fn load_own_origins(db: &Database) -> Result<HashMap<(Arc<str>, u32), u64>, StorageError> {
+    let rtx = db.begin_read()?;
+    let mut out = HashMap::new();
+    if let Some(t) = open_opt(&rtx, OWN_ORIGINS)? {
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let (topic, p) = k.value();
+            out.insert((Arc::from(topic), p), v.value());
+        }
+    }
+    Ok(out)
 }
 
 fn read_partition_meta(

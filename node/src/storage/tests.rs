@@ -347,3 +347,110 @@ fn refuses_foreign_corrupt_and_locked_directories() {
     assert!(matches!(e, OpenError::Locked { .. }), "{e}");
     rt.block_on(first.shutdown());
 }
+
+fn replicated(origin: u64, seq: u64, payload: &str) -> Record {
+    Record {
+        id: RecordId {
+            origin: Origin(origin),
+            seq: Seq(seq),
+        },
+        event_time_ms: 1,
+        ingest_time_ms: 1,
+        key: Bytes::from_static(b"k"),
+        subject: "s".into(),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        headers: vec![],
+    }
+}
+
+/// I3 in the writer: next seq stored, duplicates ignored, a gap stops the origin.
+#[tokio::test]
+async fn replicate_accepts_in_order_ignores_duplicates_and_reports_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.create_topic(topic("t", 1)).await.unwrap();
+    let op = |records| Op::Replicate {
+        topic: Arc::from("t"),
+        partition: PartitionId(0),
+        records,
+    };
+    let out = s
+        .write(vec![op(vec![
+            replicated(9, 1, "a"),
+            replicated(9, 2, "b"),
+            replicated(9, 2, "b"),
+            replicated(9, 4, "d"),
+            replicated(8, 1, "x"),
+        ])])
+        .await
+        .unwrap();
+    assert_eq!(
+        out[0],
+        OpOutcome::Replicated {
+            version_vector: vec![(8, 1), (9, 2)],
+            gaps: vec![9]
+        }
+    );
+    let b = s.read("t", PartitionId(0), Offset(0), 10, 1 << 20).unwrap();
+    assert_eq!(b.records.len(), 3);
+}
+
+/// I6 in the writer: an origin is dropped only when covered entirely; dropping this node's
+/// own stream moves new records to a fresh origin, so the version vector stays truthful.
+#[tokio::test]
+async fn handoff_drops_whole_origins_and_switches_the_own_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let own;
+    let fresh;
+    {
+        let s = open(dir.path());
+        own = s.origin().0;
+        s.create_topic(topic("t", 1)).await.unwrap();
+        s.write(vec![append("t", 0, "a"), append("t", 0, "b")])
+            .await
+            .unwrap();
+        s.write(vec![Op::Replicate {
+            topic: Arc::from("t"),
+            partition: PartitionId(0),
+            records: vec![replicated(9, 1, "x"), replicated(9, 2, "y")],
+        }])
+        .await
+        .unwrap();
+        let drop = |covered: Vec<(u64, u64)>| Op::DropCovered {
+            topic: Arc::from("t"),
+            partition: PartitionId(0),
+            covered,
+        };
+        // Origin 9 only half covered, own fully: only own records go.
+        let out = s.write(vec![drop(vec![(9, 1), (own, 2)])]).await.unwrap();
+        assert_eq!(out[0], OpOutcome::Trimmed(2));
+        let meta = s.partition_meta("t", PartitionId(0)).unwrap();
+        assert_eq!(meta.version_vector, vec![(9, 2)]);
+        let out = s.write(vec![append("t", 0, "c")]).await.unwrap();
+        let OpOutcome::Appended { id, .. } = out[0] else {
+            panic!("{out:?}")
+        };
+        fresh = id.origin.0;
+        assert_ne!(
+            fresh, own,
+            "a fresh origin after the own stream was handed off"
+        );
+        assert_eq!(id.seq, Seq(1));
+        assert!(s.is_own(fresh) && s.is_own(own));
+        s.shutdown().await;
+    }
+    let s = open(dir.path());
+    let out = s.write(vec![append("t", 0, "d")]).await.unwrap();
+    let OpOutcome::Appended { id, .. } = out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!((id.origin.0, id.seq), (fresh, Seq(2)), "survives a restart");
+    let payloads: Vec<_> = s
+        .read("t", PartitionId(0), Offset(0), 10, 1 << 20)
+        .unwrap()
+        .records
+        .iter()
+        .map(|(_, r)| r.payload.clone())
+        .collect();
+    assert_eq!(payloads, ["x", "y", "c", "d"].map(Bytes::from).to_vec());
+}

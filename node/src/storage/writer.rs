@@ -17,7 +17,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use super::format::{self, PartitionMeta, Record, TopicConfig};
 use super::{
     CHECKPOINTS, CONSUMER_STATE, CONSUMERS, CURSORS, Committed, CommittedBatch, INBOUND, MODULES,
-    Op, OpOutcome, PARTITIONS, PRODUCERS, RETAINED, SESSIONS, StorageError, TOPICS, log_table_name,
+    OWN_ORIGINS, Op, OpOutcome, PARTITIONS, PRODUCERS, RETAINED, SESSIONS, StorageError, TOPICS,
+    log_table_name,
 };
 use crate::metrics::METRICS;
 use crate::types::{Offset, Origin, PartitionId, RecordId, Seq};
@@ -41,6 +42,10 @@ pub(super) struct WriterState {
     pub failed: Option<String>,
     /// Committed sequence ranges of idempotent producers, loaded on first use.
     pub producers: HashMap<ProducerKey, Vec<(u64, u64)>>,
+    /// Partitions whose new records are written under a fresh origin (see `OWN_ORIGINS`).
+    pub own: HashMap<(Arc<str>, u32), u64>,
+    /// Every origin this node writes or wrote under, shared with `Storage::is_own`.
+    pub own_set: Arc<RwLock<std::collections::HashSet<u64>>>,
 }
 
 /// Most records retention deletes from one partition in one pass, so a huge backlog is
@@ -213,11 +218,12 @@ impl WriterState {
                             before.insert(key.clone(), meta.clone());
                             touched.push(key.clone());
                         }
-                        let seq = bump_seq(&mut meta.version_vector, self.origin.0);
+                        let origin = self.own.get(&key).copied().unwrap_or(self.origin.0);
+                        let seq = bump_seq(&mut meta.version_vector, origin);
                         let offset = meta.next_offset;
                         meta.next_offset += 1;
                         let id = RecordId {
-                            origin: self.origin,
+                            origin: Origin(origin),
                             seq: Seq(seq),
                         };
                         let rec = Record {
@@ -569,7 +575,10 @@ impl WriterState {
         Ok(())
     }
 
-    /// Handoff: deletes the records of one partition that `covered` includes (I6).
+    /// Handoff: deletes the records of one partition whose origin every current replica
+    /// holds entirely (I6). Origins are dropped all or nothing, so the version vector never
+    /// claims ids this node does not hold; when this node's own stream of the partition is
+    /// dropped, new records go under a fresh origin.
     fn drop_covered(
         &mut self,
         wtx: &redb::WriteTransaction,
@@ -581,13 +590,23 @@ impl WriterState {
         let Some(meta) = self.parts.get(key).cloned() else {
             return Ok(0);
         };
+        // Checked against the current version vector: an origin that grew since the
+        // replicas reported is not covered.
+        let gone: Vec<u64> = meta
+            .version_vector
+            .iter()
+            .filter(|(o, s)| *s <= vv_get(covered, *o))
+            .map(|(o, _)| *o)
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
         let name = log_table_name(&key.0, key.1);
         let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
         let mut table = wtx.open_table(def)?;
         let mut doomed: Vec<u64> = Vec::new();
         let mut freed = 0u64;
         let mut first_kept: Option<u64> = None;
-        let mut remaining: Vec<u64> = Vec::new();
         for item in table.range(meta.log_start..)? {
             let (k, v) = item?;
             let rec: Record =
@@ -595,18 +614,12 @@ impl WriterState {
                     table: name.clone(),
                     source,
                 })?;
-            if rec.id.seq.0 <= vv_get(covered, rec.id.origin.0) {
+            if gone.contains(&rec.id.origin.0) {
                 doomed.push(k.value());
                 freed += v.value().len() as u64 + 8;
             } else {
                 first_kept.get_or_insert(k.value());
-                if !remaining.contains(&rec.id.origin.0) {
-                    remaining.push(rec.id.origin.0);
-                }
             }
-        }
-        if doomed.is_empty() {
-            return Ok(0);
         }
         for k in &doomed {
             table.remove(*k)?;
@@ -615,12 +628,25 @@ impl WriterState {
         if !touched.contains(key) {
             touched.push(key.clone());
         }
-        let own = self.origin.0;
+        let own = self.own.get(key).copied().unwrap_or(self.origin.0);
         if let Some(m) = self.parts.get_mut(key) {
             m.bytes = m.bytes.saturating_sub(freed);
             m.log_start = first_kept.unwrap_or(m.next_offset);
-            m.version_vector
-                .retain(|(o, _)| *o == own || remaining.contains(o));
+            m.version_vector.retain(|(o, _)| !gone.contains(o));
+        }
+        if gone.contains(&own) {
+            let fresh = loop {
+                let o: u64 = rand::random();
+                if o != 0 && !self.own_set.read().map(|s| s.contains(&o)).unwrap_or(true) {
+                    break o;
+                }
+            };
+            let mut t = wtx.open_table(OWN_ORIGINS)?;
+            t.insert((&*key.0, key.1), fresh)?;
+            self.own.insert(key.clone(), fresh);
+            if let Ok(mut s) = self.own_set.write() {
+                s.insert(fresh);
+            }
         }
         Ok(doomed.len() as u64)
     }
