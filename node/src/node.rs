@@ -64,6 +64,7 @@ impl Node {
         for t in topics
             .into_iter()
             .chain(crate::consumers::internal_topics())
+            .chain(crate::mqtt::cluster::topics())
         {
             match storage.create_topic(t.clone()).await {
                 Ok(_) => {
@@ -141,6 +142,10 @@ impl Node {
             membership.view.clone(),
         )
         .await?;
+        tracker.spawn(crate::mqtt::cluster::sync(
+            storage.clone(),
+            shutdown.clone(),
+        ));
         let broker = Broker::new(
             storage.clone(),
             routes,

@@ -595,3 +595,74 @@ async fn consumer_fails_over_to_the_new_owner_without_skipping_records() {
         alerts.len() - total
     );
 }
+
+/// Retained messages and persistent sessions work whichever node a client reconnects to: a
+/// retained message published on one node is served by another, and a persistent session
+/// made on a node that then dies continues on a survivor without resubscribing.
+#[tokio::test]
+async fn retained_messages_and_sessions_follow_a_client_to_another_node() {
+    use rumqttc::QoS;
+    use shoal_tests::Client;
+    let mut c = Cluster::start(3, "").await;
+    let (mut p, _) = Client::connect(c.nodes[0].mqtt(), "publisher", true).await;
+    p.publish_acked("dev/1/state", QoS::AtLeastOnce, true, b"on")
+        .await;
+
+    // A subscriber on another node gets the retained state.
+    let url = c.nodes[2].url();
+    eventually("n3 holds the retained message", || {
+        let url = url.clone();
+        async move {
+            let v = http_get(&url, "/v1/topics/_retained?scope=local").await;
+            (v["records"].as_u64()? >= 1).then_some(())
+        }
+    })
+    .await;
+    let got = eventually("a subscriber on n3 gets the retained message", || async {
+        let (mut s, _) = Client::connect(c.nodes[2].mqtt(), "reader", true).await;
+        s.subscribe("dev/#", QoS::AtLeastOnce).await;
+        let p = tokio::time::timeout(Duration::from_millis(500), s.next_publish())
+            .await
+            .ok()?;
+        Some(p)
+    })
+    .await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..], got.retain),
+        ("dev/1/state", &b"on"[..], true)
+    );
+
+    // A persistent session made on n1 ...
+    let (mut s, present) = Client::connect(c.nodes[0].mqtt(), "sticky", false).await;
+    assert!(!present);
+    s.subscribe("alerts/#", QoS::AtLeastOnce).await;
+    s.disconnect().await;
+    let url = c.nodes[1].url();
+    eventually("n2 knows the session", || {
+        let url = url.clone();
+        async move {
+            let r = reqwest::get(format!("{url}/v1/sessions/sticky"))
+                .await
+                .ok()?;
+            let v: Value = r.json().await.ok()?;
+            (v["subscriptions"][0]["filter"] == "alerts/#").then_some(())
+        }
+    })
+    .await;
+    // ... survives n1's death: the client fails over to n2 and gets what is published
+    // meanwhile, without subscribing again.
+    c.kill9(0).await;
+    let (mut p, _) = Client::connect(c.nodes[2].mqtt(), "publisher2", true).await;
+    p.publish_acked("alerts/boiler", QoS::AtLeastOnce, false, b"hot")
+        .await;
+    let (mut s, present) = Client::connect(c.nodes[1].mqtt(), "sticky", false).await;
+    assert!(
+        present,
+        "the session is present on the node the client failed over to"
+    );
+    let m = s.next_publish().await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("alerts/boiler", &b"hot"[..])
+    );
+}

@@ -101,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/sessions/{client_id}", get(session))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route("/v1/topics/{topic}", get(describe_topic))
         .route(
@@ -183,6 +184,29 @@ fn topic_json(t: &TopicConfig) -> Value {
         "created_ms": t.created_ms,
         "internal": t.name.starts_with('_'),
     })
+}
+
+/// `GET /v1/sessions/{client_id}`: a persistent MQTT session as this node holds it.
+async fn session(
+    State(s): State<AppState>,
+    Path(client_id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let st = s.storage.clone();
+    let id = client_id.clone();
+    let found = tokio::task::spawn_blocking(move || st.session(&id)).await??;
+    let Some(state) = found else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no persistent session for client id {client_id:?} on this node"),
+        });
+    };
+    Ok(axum::Json(json!({
+        "client_id": client_id,
+        "subscriptions": state.subscriptions.iter()
+            .map(|(f, q)| json!({ "filter": f, "qos": q }))
+            .collect::<Vec<_>>(),
+        "updated_ms": state.updated_ms,
+    })))
 }
 
 /// `GET /v1/cluster`: members with liveness, and where every partition lives.

@@ -190,6 +190,7 @@ impl Broker {
                     stored_ms: now_ms(),
                 }),
             });
+            ops.push(super::cluster::retained_op(subject, &payload, qos_n));
         }
         ops.push(Op::Append {
             partition: partition_for(&key, partitions),

@@ -89,6 +89,8 @@ struct Conn {
     live: Option<broadcast::Receiver<crate::storage::CommittedBatch>>,
     /// Relayed publishes of partitions other nodes hold (joined with `live`).
     remote: Option<broadcast::Receiver<crate::replication::RemoteBatch>>,
+    /// The subscriptions last sent to the other nodes (`_sessions`).
+    replicated_subs: Option<Vec<(String, u8)>>,
 }
 
 /// Runs one connection to its end.
@@ -174,6 +176,7 @@ pub async fn run(
         catch_up: None,
         live: None,
         remote: None,
+        replicated_subs: None,
     };
     let session_present = match conn.load_session().await {
         Ok(p) => p,
@@ -289,9 +292,12 @@ impl Conn {
             if stored.is_some() || !inbound.is_empty() {
                 self.broker
                     .storage
-                    .write(vec![Op::DeleteSession {
-                        client_id: self.client_id.clone(),
-                    }])
+                    .write(vec![
+                        super::cluster::session_op(&self.client_id, None),
+                        Op::DeleteSession {
+                            client_id: self.client_id.clone(),
+                        },
+                    ])
                     .await?;
             }
             return Ok(false);
@@ -333,14 +339,23 @@ impl Conn {
 
     async fn persist(&mut self) -> Result<(), StorageError> {
         self.outbox.take_dirty();
-        self.broker
-            .storage
-            .write(vec![Op::PutSession {
-                client_id: self.client_id.clone(),
-                state: self.session_state(),
-            }])
-            .await
-            .map(|_| ())
+        let state = self.session_state();
+        let mut ops = Vec::with_capacity(2);
+        // Other nodes learn the subscriptions when they change (cursors are per node).
+        if self.replicated_subs.as_ref() != Some(&state.subscriptions) {
+            ops.push(super::cluster::session_op(
+                &self.client_id,
+                Some(state.subscriptions.clone()),
+            ));
+        }
+        let subs = state.subscriptions.clone();
+        ops.push(Op::PutSession {
+            client_id: self.client_id.clone(),
+            state,
+        });
+        self.broker.storage.write(ops).await?;
+        self.replicated_subs = Some(subs);
+        Ok(())
     }
 
     async fn main_loop(

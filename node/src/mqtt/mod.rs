@@ -2,6 +2,7 @@
 //! ([`topic`]), the shared broker state and accept loop ([`broker`]), one task per connection
 //! ([`connection`]) and the sans-IO delivery core of a session ([`outbox`]).
 pub mod broker;
+pub mod cluster;
 pub mod codec;
 pub mod connection;
 pub mod outbox;
