@@ -70,6 +70,8 @@ async fn topics_create_list_describe_and_errors() {
             "_checkpoints",
             "_consumers",
             "_dlq",
+            "_retained",
+            "_sessions",
             "sensors",
             "telemetry"
         ]
