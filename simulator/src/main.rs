@@ -2,13 +2,14 @@
 //! Subcommands, one module each: `generate` (a synthetic sensor fleet with labelled
 //! anomalies), `replay` (a data file over MQTT), `backfill` (history through the bulk ingest
 //! API, idempotent and resumable), `fleet` (live devices), `score` (alerts against labels),
-//! and `load` (the MQTT benchmark load generator). `dataset` reads and writes the data
+//! `load` (the MQTT benchmark load generator) and `lag` (replication lag between two nodes). `dataset` reads and writes the data
 //! files; `progress` draws progress bars.
 
 mod backfill;
 mod dataset;
 mod fleet;
 mod generate;
+mod lag;
 mod load;
 mod progress;
 mod replay;
@@ -45,6 +46,9 @@ enum Command {
     /// Compare alerts (a JSON lines file or a node's API) with anomaly labels: precision,
     /// recall, F1 and detection delay, overall and per anomaly kind.
     Score(score::ScoreArgs),
+    /// Replication lag: publish at a fixed rate to one node, receive on another, report
+    /// publish -> delivery latency percentiles.
+    Lag(lag::LagArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Fleet(args) => fleet::main(args),
         Command::Generate(args) => generate::main(args),
         Command::Score(args) => score::main(args),
+        Command::Lag(args) => lag::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

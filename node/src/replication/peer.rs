@@ -406,9 +406,9 @@ async fn session(
     let _stop_reader = read_stop.clone().drop_guard();
     // On (re)connect, compare every shared partition right away.
     super::round_for(s, peer);
-    // Sampled (seq -> offset) of this node's records per partition, so a resend after a
+    // Sampled (seq -> offset) of this node's records per partition and origin, so a resend after a
     // gap starts near the gap instead of at the start of the log.
-    let mut index: HashMap<(Arc<str>, u32), BTreeMap<u64, u64>> = HashMap::new();
+    let mut index: HashMap<(Arc<str>, u32, u64), BTreeMap<u64, u64>> = HashMap::new();
     let mut handled_gaps: HashMap<(String, u32, u64), u64> = HashMap::new();
     let mut read_task = std::pin::pin!(read_task);
     loop {
@@ -446,7 +446,9 @@ async fn session(
                         // A hole in what this connection sent (a placement change, a lag) is
                         // reported by the replica as a gap and resent from the log then.
                         let seq = c.record.id.seq.0;
-                        let idx = index.entry((c.topic.clone(), c.partition.0)).or_default();
+                        let idx = index
+                            .entry((c.topic.clone(), c.partition.0, c.record.id.origin.0))
+                            .or_default();
                         if seq % INDEX_EVERY == 1 {
                             idx.insert(seq, c.offset.0);
                             if idx.len() > INDEX_MAX {
@@ -485,7 +487,7 @@ async fn session(
                 handled_gaps.insert(key, have);
                 let from = if s.storage.is_own(origin) {
                     index
-                        .get(&(Arc::from(topic.as_str()), partition))
+                        .get(&(Arc::from(topic.as_str()), partition, origin))
                         .and_then(|idx| idx.range(..=have + 1).next_back().map(|(_, o)| *o))
                         .unwrap_or(0)
                 } else {

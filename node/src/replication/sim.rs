@@ -6,10 +6,12 @@
 //!   `quorum` (`required(Acks::Quorum, min(R, members))`, as `View::required` computes it).
 //!   Sometimes one node joins the cluster late, so partitions move to it.
 //! - Durable state per node and partition: the log (record ids `(origin, seq)` in append
-//!   order) and the version vector; each node has its own origin. Volatile state: the
-//!   [`AckTracker`] of pending client writes, the peers' version vectors last heard, and the
-//!   per-connection "gap already answered" bookkeeping. A crash loses the volatile state
-//!   and every message in flight to or from the node; a restart keeps the durable state.
+//!   order), the version vector, and the origin the node writes new records under (its
+//!   data directory's, until a handoff drops that stream); per node, every origin it ever
+//!   wrote under (`Storage::is_own`). Volatile state: the [`AckTracker`] of pending client
+//!   writes, the peers' version vectors last heard, and the per-connection "gap already
+//!   answered" bookkeeping. A crash loses the volatile state and every message in flight
+//!   to or from the node; a restart keeps the durable state.
 //! - Membership: a node's view is itself plus the nodes that are up and reachable from it;
 //!   it changes at once when a fault changes. Placement is [`placement::replicas`] over the
 //!   view. A view change does what the supervisor in `replication/mod.rs` does: forget the
@@ -17,16 +19,23 @@
 //!   peers (`round_for`), and run an anti-entropy round.
 //! - The drivers' decisions, reusing the sans-IO core (`accept`, `lacks`, `missing`,
 //!   `handoff_covered`, `AckTracker`): a client write makes its node the coordinator, which
-//!   appends `(own origin, vv[own] + 1)` to its own log (a hint when it is not a replica),
-//!   streams it to the other replicas of its view and waits for a quorum of durable copies
-//!   among those replicas. A receiver stores an `Append` through `accept` (what the storage
-//!   writer does for `Op::Replicate`) and answers per origin `Ack { vv[origin] }`, or
-//!   `Gap { have }` on a gap; the sender then resends that origin's records after `have`
-//!   from its log. Anti-entropy rounds send digests to the replicas of each partition a node
-//!   replicates or holds; a receiver remembers the peer's version vector, replies with its
-//!   own digest and pushes what the peer lacks when the peer is a replica in its view. A
-//!   node holding a partition it does not replicate deletes what `handoff_covered` says
-//!   every replica holds (`Op::DropCovered`, which also forgets emptied origins but its own).
+//!   appends `(origin, vv[origin] + 1)` under its current origin of the partition to its own
+//!   log (a hint when it is not a replica), streams it to the other replicas of its view and
+//!   waits for a quorum of durable copies among those replicas (the [`AckTracker`] keyed by
+//!   the record's origin, as `Replication::wait` does). A receiver stores an `Append` through
+//!   `accept` (what the storage writer does for `Op::Replicate`) and answers per origin
+//!   `Ack { vv[origin] }`, or `Gap { have }` on a gap; the sender then resends that origin's
+//!   records after `have` from its log. Records a node stores of one of its own (old)
+//!   origins go on its live stream too. Acks of any origin a node ever wrote under release
+//!   its waiters. Anti-entropy rounds send digests to the replicas of each partition a node
+//!   replicates or holds; a receiver first counts every entry of the peer's version vector
+//!   as that peer's durable ack (`Shared::on_digest`, so acks lost with a connection are
+//!   recovered), remembers the peer's version vector, replies with its own digest and
+//!   pushes what the peer lacks when the peer is a replica in its view. A node holding a
+//!   partition it does not replicate drops origins all or nothing (`Op::DropCovered`): an
+//!   origin whose version vector entry every replica covers (`handoff_covered`) loses all
+//!   its records and its entry, others keep everything; when the node's own current origin
+//!   goes, new records of the partition go under a fresh random origin, from seq 1.
 //! - The network is a queue of messages, each with its delivery step. During the fault
 //!   phase, seeded faults: message drops, extra delays (so reordering), duplicates, cut
 //!   links, isolated nodes, crashes and restarts, a late join.
@@ -43,19 +52,20 @@
 //!   (I5); every acknowledged write, and every write stored at all, is on every replica
 //!   exactly once.
 //! - I3 on every node, at every anti-entropy tick and at the end: each origin's seqs appear
-//!   in increasing, contiguous order, without duplicates, and end at the version vector's
-//!   entry.
-//! - I6 after further rounds: nodes that are not replicas hold no records of the partition,
-//!   and their version vector keeps at most their own origin.
+//!   in increasing, contiguous order from 1, without duplicates, and end at the version
+//!   vector's entry, which lists no other origin: a version vector claims exactly the ids
+//!   its node holds, which digest comparison and digests counted as acks rely on.
+//! - I6 after further rounds: nodes that are not replicas hold no records of the partition
+//!   and their version vector is empty.
 //!
 //! [`random_seeds`] runs many seeds; a failing seed is named in the assertion message and is
 //! re-run alone with
 //! `SHOAL_SIM_SEED=<seed> cargo test -p shoal --lib replication::sim::random_seeds`.
-//! The focused tests below replay hand-written fault scripts. Two of them are `#[ignore]`d:
-//! they reproduce protocol problems this simulation found (a replica that handed its own
-//! records off and becomes a replica again never gets them back; acks lost with a
-//! connection are never sent again) and pass once those are fixed
-//! (`cargo test -p shoal --lib replication::sim -- --ignored`).
+//! The focused tests below replay hand-written fault scripts. Two of them are regression
+//! tests for protocol problems this simulation found, since fixed as modelled above: a
+//! replica that handed its own records off and became a replica again never got them back
+//! (its version vector still claimed them), and acks lost with a connection were never sent
+//! again.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -153,6 +163,9 @@ impl Network {
 /// A client waiting for its write to be acknowledged.
 #[derive(Debug)]
 struct Waiter {
+    /// The write's id: the origin is the one it was written under, which may no longer be
+    /// the node's current origin of the partition when it is acknowledged.
+    origin: u64,
     seq: u64,
     /// Durable copies the write needs (fixed when it was made).
     needed: usize,
@@ -169,7 +182,11 @@ struct Replica {
 
 struct Node {
     name: String,
-    origin: u64,
+    /// Durable, per partition: the origin new records are written under (the data
+    /// directory's origin, until a handoff drops that stream and a fresh one replaces it).
+    origins: Vec<u64>,
+    /// Durable: every origin this node writes or wrote under (`Storage::is_own`).
+    owned: BTreeSet<u64>,
     /// A member of the cluster (a late joiner is not, until it joins).
     joined: bool,
     up: bool,
@@ -188,6 +205,10 @@ struct Node {
 }
 
 impl Node {
+    fn is_own(&self, origin: u64) -> bool {
+        self.owned.contains(&origin)
+    }
+
     fn lose_volatile_state(&mut self) {
         self.acks = AckTracker::new();
         self.peer_vvs.clear();
@@ -207,6 +228,10 @@ struct Stats {
     gap_resends: u64,
     pushes: u64,
     handed_off: u64,
+    /// Handoffs that dropped the node's own stream, so it moved to a fresh origin.
+    fresh_origins: u64,
+    /// Waiters released by a digest (their `Ack`s were lost or not sent yet).
+    digest_acks: u64,
     crashes: u64,
     joins: u64,
 }
@@ -221,6 +246,8 @@ impl Stats {
         self.gap_resends += o.gap_resends;
         self.pushes += o.pushes;
         self.handed_off += o.handed_off;
+        self.fresh_origins += o.fresh_origins;
+        self.digest_acks += o.digest_acks;
         self.crashes += o.crashes;
         self.joins += o.joins;
     }
@@ -268,7 +295,8 @@ impl Sim {
                 }
                 Node {
                     name: format!("n{i}"),
-                    origin,
+                    origins: vec![origin; partitions as usize],
+                    owned: BTreeSet::from([origin]),
                     joined: pending != Some(i),
                     up: pending != Some(i),
                     parts: vec![Replica::default(); partitions as usize],
@@ -574,7 +602,9 @@ impl Sim {
         let (from, to, p) = (e.from, e.to, e.partition);
         match e.msg {
             Msg::Append { records } => self.on_append(to, from, p, records),
-            Msg::Ack { origin, seq } => self.on_ack(to, from, p, origin, seq),
+            Msg::Ack { origin, seq } => {
+                self.on_ack(to, from, p, origin, seq);
+            }
             Msg::Gap { origin, have } => self.on_gap(to, from, p, origin, have),
             Msg::Digest { vv, is_reply } => self.on_digest(to, from, p, vv, is_reply),
         }
@@ -582,16 +612,17 @@ impl Sim {
 
     // --- Coordinator and client ---------------------------------------------------------
 
-    /// A client writes to node `i`, which coordinates: it stores the record (in the
-    /// partition log, or as a hint when not a replica), streams it to the other replicas
-    /// of its view and waits for the acks policy (`Replication::wait`). Returns the seq.
-    fn write(&mut self, i: usize, p: u32) -> u64 {
+    /// A client writes to node `i`, which coordinates: it stores the record under its
+    /// current origin of the partition (in the partition log, or as a hint when not a
+    /// replica), streams it to the other replicas of its view and waits for the acks policy
+    /// (`Replication::wait`, keyed by the record's origin). Returns the record's id.
+    fn write(&mut self, i: usize, p: u32) -> Id {
         assert!(
             self.nodes[i].up,
             "{}: write to a node that is down",
             self.at()
         );
-        let origin = self.nodes[i].origin;
+        let origin = self.nodes[i].origins[p as usize];
         let part = &mut self.nodes[i].parts[p as usize];
         let seq = vv_get(&part.vv, origin) + 1;
         vv_set(&mut part.vv, origin, seq);
@@ -599,17 +630,7 @@ impl Sim {
         self.written.insert((p, (origin, seq)));
         self.stats.writes += 1;
 
-        let replicas = self.replicas_of(&self.nodes[i].view.clone(), p);
-        for &r in replicas.iter().filter(|&&r| r != i) {
-            self.send(
-                i,
-                r,
-                p,
-                Msg::Append {
-                    records: vec![(origin, seq)],
-                },
-            );
-        }
+        let replicas = self.stream(i, p, vec![(origin, seq)]);
         let needed = self.needed();
         let names: Vec<String> = replicas
             .iter()
@@ -617,6 +638,7 @@ impl Sim {
             .collect();
         let key = (TOPIC.to_string(), p, origin);
         let waiter = Waiter {
+            origin,
             seq,
             needed,
             deadline: self.now + self.ack_timeout,
@@ -635,7 +657,28 @@ impl Sim {
         if let Some(w) = node.acks.wait(key, seq, needed, names, waiter) {
             self.acknowledge(i, p, w);
         }
-        seq
+        (origin, seq)
+    }
+
+    /// Node `i`'s live stream of records of its own origins, just committed (written by a
+    /// client, or stored from a peer when it regains an old stream of its own): an
+    /// `Append` to every other replica of its view (`peer::outbound`). Returns the
+    /// replicas.
+    fn stream(&mut self, i: usize, p: u32, records: Vec<Id>) -> Vec<usize> {
+        let replicas = self.replicas_of(&self.nodes[i].view.clone(), p);
+        if !records.is_empty() {
+            for &r in replicas.iter().filter(|&&r| r != i) {
+                self.send(
+                    i,
+                    r,
+                    p,
+                    Msg::Append {
+                        records: records.clone(),
+                    },
+                );
+            }
+        }
+        replicas
     }
 
     /// A client write to a random up member, of a random partition.
@@ -652,7 +695,7 @@ impl Sim {
     /// The coordinator acknowledges a write to its client: I4 says enough nodes hold it
     /// durably at this moment.
     fn acknowledge(&mut self, coordinator: usize, p: u32, w: Waiter) {
-        let id = (self.nodes[coordinator].origin, w.seq);
+        let id = (w.origin, w.seq);
         let holders: Vec<&str> = self
             .nodes
             .iter()
@@ -677,17 +720,26 @@ impl Sim {
     // --- Receivers (peer.rs) ------------------------------------------------------------
 
     /// Inbound `Append`: the storage writer applies `accept` per record (`Op::Replicate`);
-    /// after the commit, each origin of the frame is answered with `Ack` or `Gap`.
+    /// after the commit, each origin of the frame is answered with `Ack` or `Gap`. Stored
+    /// records of the node's own (old) origins are committed ones of its own streams, so
+    /// its live stream sends them on too.
     fn on_append(&mut self, at: usize, from: usize, p: u32, records: Vec<Id>) {
-        let part = &mut self.nodes[at].parts[p as usize];
+        let node = &mut self.nodes[at];
+        let part = &mut node.parts[p as usize];
         let mut origins: Vec<u64> = Vec::new();
         let mut gaps: Vec<u64> = Vec::new();
+        let mut own: Vec<Id> = Vec::new();
         for (origin, seq) in records {
             if !origins.contains(&origin) {
                 origins.push(origin);
             }
             match accept(&mut part.vv, origin, seq) {
-                Accept::Store => part.log.push((origin, seq)),
+                Accept::Store => {
+                    part.log.push((origin, seq));
+                    if node.owned.contains(&origin) {
+                        own.push((origin, seq));
+                    }
+                }
                 Accept::Duplicate => {}
                 Accept::Gap => {
                     if !gaps.contains(&origin) {
@@ -710,19 +762,24 @@ impl Sim {
         for m in replies {
             self.send(at, from, p, m);
         }
+        self.stream(at, p, own);
     }
 
-    /// `from` holds `origin` of partition `p` durably up to `seq` (`Shared::on_ack`).
-    fn on_ack(&mut self, at: usize, from: usize, p: u32, origin: u64, seq: u64) {
-        if origin != self.nodes[at].origin {
-            return;
+    /// `from` holds `origin` of partition `p` durably up to `seq` (`Shared::on_ack`): it
+    /// matters for the streams of the node's own origins, current or old. Returns how many
+    /// waiters it released.
+    fn on_ack(&mut self, at: usize, from: usize, p: u32, origin: u64, seq: u64) -> u64 {
+        if !self.nodes[at].is_own(origin) {
+            return 0;
         }
         let key = (TOPIC.to_string(), p, origin);
         let name = self.nodes[from].name.clone();
         let done = self.nodes[at].acks.on_durable(&key, &name, seq);
+        let released = done.len() as u64;
         for w in done {
             self.acknowledge(at, p, w);
         }
+        released
     }
 
     /// A gap report: it also acknowledges `have`; the sender resends that origin's records
@@ -745,9 +802,11 @@ impl Sim {
         }
     }
 
-    /// A digest: a request is answered with this node's digest; either way the peer's
-    /// version vector is remembered, and what it lacks is pushed when it is a replica in
-    /// this node's view (`Shared::on_digest`).
+    /// A digest: a request is answered with this node's digest; either way
+    /// (`Shared::on_digest`) each entry of the peer's version vector counts as its durable
+    /// ack of that origin (a version vector claims exactly what its node holds), so writes
+    /// whose `Ack`s were lost are still acknowledged; then the peer's version vector is
+    /// remembered, and what it lacks is pushed when it is a replica in this node's view.
     fn on_digest(&mut self, at: usize, from: usize, p: u32, vv: Vv, is_reply: bool) {
         if !is_reply {
             let mine = self.part(at, p).vv.clone();
@@ -760,6 +819,9 @@ impl Sim {
                     is_reply: true,
                 },
             );
+        }
+        for &(origin, seq) in &vv {
+            self.stats.digest_acks += self.on_ack(at, from, p, origin, seq);
         }
         self.nodes[at].peer_vvs.insert((from, p), vv.clone());
         let view = self.nodes[at].view.clone();
@@ -804,7 +866,8 @@ impl Sim {
 
     /// One anti-entropy round of node `i`: digests of every partition it replicates or
     /// holds to the partition's other replicas, then handoff of what it holds but does
-    /// not replicate, as far as every replica is known to cover it (I6).
+    /// not replicate: the origins every replica is known to hold entirely (I6). When its
+    /// own current origin of the partition goes, new records go under a fresh one.
     fn round(&mut self, i: usize) {
         if !self.nodes[i].up {
             return;
@@ -839,11 +902,28 @@ impl Sim {
                     handoff_covered(&vv, &theirs)
                 };
                 if !covered.is_empty() {
-                    let own = node.origin;
-                    let dropped = drop_covered(&mut node.parts[p as usize], &covered, own);
+                    let (gone, dropped) = drop_covered(&mut node.parts[p as usize], &covered);
                     self.stats.handed_off += dropped.len() as u64;
                     self.check_still_held(i, p, &dropped);
+                    if gone.contains(&self.nodes[i].origins[p as usize]) {
+                        let fresh = self.fresh_origin();
+                        let node = &mut self.nodes[i];
+                        node.origins[p as usize] = fresh;
+                        node.owned.insert(fresh);
+                        self.stats.fresh_origins += 1;
+                    }
                 }
+            }
+        }
+    }
+
+    /// A new random origin, distinct from every origin any node ever used (as random
+    /// 64-bit ids are in practice).
+    fn fresh_origin(&mut self) -> u64 {
+        loop {
+            let o = self.rng.next();
+            if self.nodes.iter().all(|n| !n.owned.contains(&o)) {
+                return o;
             }
         }
     }
@@ -939,7 +1019,8 @@ impl Sim {
     }
 
     /// I6: nodes that are not replicas (placement over `live`) hold nothing of the
-    /// partition, and only their own origin stays in their version vector.
+    /// partition, and their version vector is empty (handoff drops whole origins, the
+    /// node's own included).
     fn check_handed_off(&self, live: &[usize]) {
         for p in 0..self.partitions {
             let replicas = self.replicas_of(live, p);
@@ -954,8 +1035,8 @@ impl Sim {
                     &part.log[..part.log.len().min(5)]
                 );
                 assert!(
-                    part.vv.iter().all(|&(o, _)| o == self.nodes[i].origin),
-                    "{}: I6: {} handed partition {p} off but its version vector still lists other origins: {:?}",
+                    part.vv.is_empty(),
+                    "{}: I6: {} handed partition {p} off but its version vector still lists origins: {:?}",
                     self.at(),
                     self.nodes[i].name,
                     part.vv
@@ -992,53 +1073,62 @@ impl Sim {
         }
     }
 
-    /// I3 on every node and partition: per origin, seqs increase by one along the log
-    /// (so no duplicates), and the last one is the version vector's entry.
+    /// I3 on every node and partition: per origin, seqs start at 1 (nothing here deletes
+    /// part of an origin: no retention, and handoff drops whole origins) and increase by
+    /// one along the log (so no duplicates), and the last one is the version vector's
+    /// entry; the version vector lists no origin the log lacks. So a version vector claims
+    /// exactly the ids its node holds, at every moment, which digest comparison (I5) and
+    /// digests counted as acks (I4) rely on.
     fn check_logs(&self) {
         for (i, node) in self.nodes.iter().enumerate() {
             for p in 0..self.partitions {
                 let part = self.part(i, p);
                 let mut last: BTreeMap<u64, u64> = BTreeMap::new();
                 for &(o, s) in &part.log {
-                    if let Some(&prev) = last.get(&o) {
-                        assert_eq!(
-                            s,
-                            prev + 1,
-                            "{}: I3: {} partition {p}: origin {o} seq {s} follows {prev} in the log",
-                            self.at(),
-                            node.name
-                        );
-                    }
-                    last.insert(o, s);
-                }
-                for (o, s) in last {
+                    let prev = last.get(&o).copied().unwrap_or(0);
                     assert_eq!(
-                        vv_get(&part.vv, o),
                         s,
-                        "{}: I3: {} partition {p}: the log of origin {o} ends at {s}, its version vector says otherwise",
+                        prev + 1,
+                        "{}: I3: {} partition {p}: origin {o} seq {s} follows {prev} in the log",
                         self.at(),
                         node.name
                     );
+                    last.insert(o, s);
                 }
+                let held: Vv = last.into_iter().collect();
+                assert_eq!(
+                    part.vv,
+                    held,
+                    "{}: I3: {} partition {p}: the version vector claims other ids than the log holds (left: version vector, right: what the log holds)",
+                    self.at(),
+                    node.name
+                );
             }
         }
     }
 }
 
-/// `Op::DropCovered` (storage writer): deletes the records `covered` includes; when
-/// something was deleted, origins left without records leave the version vector, except
-/// the node's own (its seqs must keep increasing). Returns what was deleted.
-fn drop_covered(part: &mut Replica, covered: &Vv, own: u64) -> Vec<Id> {
-    let (dropped, kept): (Vec<Id>, Vec<Id>) = part
-        .log
+/// `Op::DropCovered` (storage writer): drops origins all or nothing. An origin goes when
+/// the node's version vector entry is at most what `covered` says every replica holds:
+/// all its records are deleted and its entry leaves the version vector, so the version
+/// vector never claims ids the node does not hold. Origins not entirely covered keep all
+/// their records. Returns the origins dropped and the records deleted; the caller moves
+/// the node's own stream to a fresh origin when its current one was dropped.
+fn drop_covered(part: &mut Replica, covered: &Vv) -> (Vec<u64>, Vec<Id>) {
+    let gone: Vec<u64> = part
+        .vv
         .iter()
-        .partition(|&&(o, s)| s <= vv_get(covered, o));
-    part.log = kept;
-    if !dropped.is_empty() {
-        let remaining: BTreeSet<u64> = part.log.iter().map(|&(o, _)| o).collect();
-        part.vv.retain(|(o, _)| *o == own || remaining.contains(o));
+        .filter(|&&(o, s)| s <= vv_get(covered, o))
+        .map(|&(o, _)| o)
+        .collect();
+    if gone.is_empty() {
+        return (gone, Vec::new());
     }
-    dropped
+    let (dropped, kept): (Vec<Id>, Vec<Id>) =
+        part.log.iter().partition(|&&(o, _)| gone.contains(&o));
+    part.log = kept;
+    part.vv.retain(|(o, _)| !gone.contains(o));
+    (gone, dropped)
 }
 
 /// One random seed: draws the cluster and fault parameters, runs writes under faults,
@@ -1103,6 +1193,14 @@ fn random_seeds() {
         assert!(total.timed_out > 0, "no write ever timed out: {total:?}");
         assert!(total.gap_resends > 0, "no gap was ever resent: {total:?}");
         assert!(total.handed_off > 0, "no handoff ever happened: {total:?}");
+        assert!(
+            total.fresh_origins > 0,
+            "no handoff ever dropped a node's own stream: {total:?}"
+        );
+        assert!(
+            total.digest_acks > 0,
+            "no write was ever acknowledged by a digest: {total:?}"
+        );
         assert!(total.crashes > 0 && total.joins > 0, "{total:?}");
     }
 }
@@ -1123,7 +1221,7 @@ fn isolated_peers_mid_stream_then_heal() {
     let mut sim = Sim::new(1, "isolate peers mid-stream", 3, 1, None);
     let coordinator = ranked(&sim, 0, 0);
     let peers: Vec<usize> = (0..3).filter(|&i| i != coordinator).collect();
-    let origin = sim.nodes[coordinator].origin;
+    let origin = sim.nodes[coordinator].origins[0];
     let acked = |sim: &Sim, seqs: std::ops::RangeInclusive<u64>| {
         seqs.filter(|&s| sim.acked.contains(&(0, (origin, s))))
             .count()
@@ -1192,7 +1290,7 @@ fn crash_replica_after_ack_then_restart() {
     let coordinator = ranked(&sim, 0, 0);
     let replica = ranked(&sim, 0, 1);
     let other = ranked(&sim, 0, 2);
-    let origin = sim.nodes[coordinator].origin;
+    let origin = sim.nodes[coordinator].origins[0];
 
     for _ in 0..5 {
         sim.write(coordinator, 0);
@@ -1230,7 +1328,7 @@ fn crash_replica_after_ack_then_restart() {
     // The coordinator crashes while a write waits (its only peer able to ack is cut off).
     sim.cut(coordinator, replica);
     sim.cut(coordinator, other);
-    let seq = sim.write(coordinator, 0);
+    let (_, seq) = sim.write(coordinator, 0);
     sim.crash(coordinator);
     sim.heal_link(coordinator, replica);
     sim.heal_link(coordinator, other);
@@ -1246,8 +1344,9 @@ fn crash_replica_after_ack_then_restart() {
 
 /// Writes to n0..n3, then the partition's best-ranked node joins: it displaces one
 /// replica, which must hand its copy off (delete it, I6) only once every new replica
-/// holds it, and the newcomer ends with everything (I5). Returns the simulation, the
-/// joiner and the displaced node.
+/// holds it, and the newcomer ends with everything (I5). The displaced node hands off every
+/// origin whole, its own included, so it moves to a fresh origin. Returns the simulation,
+/// the joiner and the displaced node.
 fn join_and_hand_off() -> (Sim, usize, usize) {
     let probe = Sim::new(3, "join", 5, 1, None);
     let joiner = ranked(&probe, 0, 0);
@@ -1281,6 +1380,7 @@ fn join_and_hand_off() -> (Sim, usize, usize) {
         sim.at()
     );
 
+    let first = sim.nodes[displaced].origins[0];
     sim.join(joiner);
     // Before the newcomer is known to hold everything, nothing is deleted.
     assert_eq!(
@@ -1300,8 +1400,14 @@ fn join_and_hand_off() -> (Sim, usize, usize) {
     sim.check_logs();
     assert_eq!(
         sim.part(displaced, 0).vv,
-        vec![(sim.nodes[displaced].origin, 4)],
-        "{}: I6: the displaced node keeps only its own origin's high-water mark",
+        Vv::new(),
+        "{}: I6: the displaced node handed off every origin, its own included",
+        sim.at()
+    );
+    let current = sim.nodes[displaced].origins[0];
+    assert!(
+        current != first && sim.nodes[displaced].is_own(first),
+        "{}: the displaced node's own stream was handed off, so it writes under a fresh origin and still owns the old one",
         sim.at()
     );
     (sim, joiner, displaced)
@@ -1313,17 +1419,30 @@ fn join_moves_partition_and_old_holder_hands_off() {
     sim.heal_and_check();
 }
 
-/// PROTOCOL BUG (found by this simulation; see the report): after a handoff, the old
-/// holder keeps its own origin's entry in its version vector (`Op::DropCovered` must, so
-/// its seqs keep increasing) although it deleted those records. When the partition moves
-/// back to it (here the newcomer goes down for good), its digest equals the others', so
-/// anti-entropy never sends back its own records: it is a replica that lacks acknowledged
-/// writes while I5's digests say it is in sync. The same happens for any origin a handoff
-/// dropped only partly (`covered[o] < vv[o]`).
+/// Regression test for a protocol bug this simulation found. The displaced node handed
+/// off every origin, its own included (`Op::DropCovered` drops origins all or nothing), so
+/// its version vector is empty and what it coordinates next goes under a fresh origin.
+/// When the partition moves back to it (here the newcomer goes down), its digest differs
+/// from the replicas', so anti-entropy pushes it everything, its old own stream included,
+/// and it converges (I5). Before the fix it kept its own origin's entry without the
+/// records: its digest equalled the others' and it never got them back, a replica lacking
+/// acknowledged writes while I5's digests said it was in sync (likewise for an origin
+/// dropped only in part).
 #[test]
-#[ignore = "protocol bug: a replica that handed its own records off never gets them back (I5 digest claims them)"]
 fn partition_moving_back_after_handoff_regains_everything() {
-    let (mut sim, joiner, _displaced) = join_and_hand_off();
+    let (mut sim, joiner, displaced) = join_and_hand_off();
+    // A hint written after the handoff goes under the fresh origin, from seq 1, and is
+    // acknowledged by the replicas.
+    let fresh = sim.nodes[displaced].origins[0];
+    let id = sim.write(displaced, 0);
+    assert_eq!(id, (fresh, 1), "{}: a fresh origin starts at 1", sim.at());
+    sim.drain();
+    assert!(
+        sim.acked.contains(&(0, id)),
+        "{}: hint acknowledged",
+        sim.at()
+    );
+
     sim.crash(joiner);
     sim.drain();
     for _ in 0..3 {
@@ -1331,41 +1450,56 @@ fn partition_moving_back_after_handoff_regains_everything() {
         sim.drain();
     }
     let live: Vec<usize> = (0..5).filter(|&i| i != joiner).collect();
+    assert!(
+        sim.replicas_of(&live, 0).contains(&displaced),
+        "{}: the partition moved back to the displaced node",
+        sim.at()
+    );
     sim.check_converged(&live, "after the partition moved back");
+    sim.check_logs();
+    // And forth again: the newcomer restarts, the displaced node hands off once more.
+    sim.heal_and_check();
 }
 
-/// LIVENESS GAP (found by this simulation; see the report): replicas store a write and
-/// their `Ack`s are lost with the connection (a cut, a reset). Once reconnected, the digest
-/// exchange shows the replicas lack nothing, so nothing is pushed and no `Ack` is sent
-/// again: the coordinator's waiter is never released although every replica holds the
-/// write durably, and the client gets no ack (and will publish it again, a duplicate).
-/// A peer's digest reports its committed version vector, so it could count as an ack of
-/// the coordinator's origin.
+/// Regression test for a liveness gap this simulation found: replicas store a write and
+/// their `Ack`s are lost with the connection (a cut, a reset). Once reconnected, the
+/// digest exchange shows the replicas lack nothing, so nothing is pushed and no `Ack` is
+/// sent again; but a digest reports its node's durable version vector, and
+/// `Shared::on_digest` counts each entry as that peer's ack, so the reconnect's digest
+/// exchange releases the waiter. Before the fix the write was never acknowledged although
+/// every replica held it durably (and the client would publish it again, a duplicate).
 #[test]
-#[ignore = "liveness gap: acks lost with a connection are never sent again, the write is never acknowledged"]
 fn acks_lost_with_a_connection_are_recovered() {
     let mut sim = Sim::new(5, "acks lost with a connection", 3, 1, None);
     let coordinator = ranked(&sim, 0, 0);
     let peers: Vec<usize> = (0..3).filter(|&i| i != coordinator).collect();
-    let seq = sim.write(coordinator, 0);
+    let id = sim.write(coordinator, 0);
     sim.step(); // the replicas stored it; their acks are in flight
+    let holders = (0..3).filter(|&i| sim.part(i, 0).log.contains(&id)).count();
+    assert_eq!(holders, 3, "{}: every replica holds the write", sim.at());
     for &p in &peers {
         sim.cut(coordinator, p);
     }
+    sim.drain();
+    assert!(
+        !sim.acked.contains(&(0, id)),
+        "{}: the acks were lost with the connections",
+        sim.at()
+    );
     for &p in &peers {
         sim.heal_link(coordinator, p);
     }
     sim.drain();
-    for _ in 0..3 {
-        sim.anti_entropy();
-        sim.drain();
-    }
-    let id = (sim.nodes[coordinator].origin, seq);
-    let holders = (0..3).filter(|&i| sim.part(i, 0).log.contains(&id)).count();
-    assert_eq!(holders, 3, "{}: every replica holds the write", sim.at());
     assert!(
         sim.acked.contains(&(0, id)),
-        "{}: I4: write {id:?} is durable on all {holders} replicas but never acknowledged",
+        "{}: I4: write {id:?} is durable on all {holders} replicas but the reconnect's digest exchange did not acknowledge it",
         sim.at()
     );
+    assert_eq!(
+        sim.stats.digest_acks,
+        1,
+        "{}: released by a digest",
+        sim.at()
+    );
+    sim.heal_and_check();
 }

@@ -36,6 +36,8 @@ const PARTITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("pa
 /// origin: after a handoff dropped every record of its previous own stream, a fresh origin
 /// keeps the version vector truthful (it never claims ids this node no longer holds).
 const OWN_ORIGINS: TableDefinition<(&str, u32), u64> = TableDefinition::new("own_origins");
+/// Every origin this node ever wrote under (current and handed-off streams).
+const OWN_ORIGIN_SET: TableDefinition<u64, ()> = TableDefinition::new("own_origin_set");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_retained");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_sessions");
 const INBOUND: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("mqtt_inbound");
@@ -390,11 +392,8 @@ impl Storage {
             InitError::Db(d) => corrupt(d),
         })?;
         let (topics, parts) = load_state(&db).map_err(|e| corrupt(e.to_string()))?;
-        let own = load_own_origins(&db).map_err(|e| corrupt(e.to_string()))?;
-        let mut own_set: std::collections::HashSet<u64> = own.values().copied().collect();
+        let (own, mut own_set) = load_own_origins(&db).map_err(|e| corrupt(e.to_string()))?;
         own_set.insert(origin.0);
-        // Earlier own streams that were handed off are recorded too (they may still be
-        // held elsewhere and acknowledged through this node).
         let own_set = Arc::new(RwLock::new(own_set));
         let db = Arc::new(db);
         let topics = Arc::new(RwLock::new(topics));
@@ -949,17 +948,30 @@ fn read_producer(
     }
 }
 
-fn load_own_origins(db: &Database) -> Result<HashMap<(Arc<str>, u32), u64>, StorageError> {
+/// Current own origins per partition, and every origin this node ever wrote under.
+type OwnOrigins = (
+    HashMap<(Arc<str>, u32), u64>,
+    std::collections::HashSet<u64>,
+);
+
+fn load_own_origins(db: &Database) -> Result<OwnOrigins, StorageError> {
     let rtx = db.begin_read()?;
-    let mut out = HashMap::new();
+    let mut current = HashMap::new();
+    let mut all = std::collections::HashSet::new();
     if let Some(t) = open_opt(&rtx, OWN_ORIGINS)? {
         for item in t.iter()? {
             let (k, v) = item?;
             let (topic, p) = k.value();
-            out.insert((Arc::from(topic), p), v.value());
+            current.insert((Arc::from(topic), p), v.value());
+            all.insert(v.value());
         }
     }
-    Ok(out)
+    if let Some(t) = open_opt(&rtx, OWN_ORIGIN_SET)? {
+        for item in t.iter()? {
+            all.insert(item?.0.value());
+        }
+    }
+    Ok((current, all))
 }
 
 fn read_partition_meta(

@@ -445,6 +445,10 @@ async fn handoff_drops_whole_origins_and_switches_the_own_stream() {
         panic!("{out:?}")
     };
     assert_eq!((id.origin.0, id.seq), (fresh, Seq(2)), "survives a restart");
+    assert!(
+        s.is_own(fresh),
+        "own origins are remembered across restarts"
+    );
     let payloads: Vec<_> = s
         .read("t", PartitionId(0), Offset(0), 10, 1 << 20)
         .unwrap()

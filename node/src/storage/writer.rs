@@ -17,8 +17,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use super::format::{self, PartitionMeta, Record, TopicConfig};
 use super::{
     CHECKPOINTS, CONSUMER_STATE, CONSUMERS, CURSORS, Committed, CommittedBatch, INBOUND, MODULES,
-    OWN_ORIGINS, Op, OpOutcome, PARTITIONS, PRODUCERS, RETAINED, SESSIONS, StorageError, TOPICS,
-    log_table_name,
+    OWN_ORIGIN_SET, OWN_ORIGINS, Op, OpOutcome, PARTITIONS, PRODUCERS, RETAINED, SESSIONS,
+    StorageError, TOPICS, log_table_name,
 };
 use crate::metrics::METRICS;
 use crate::types::{Offset, Origin, PartitionId, RecordId, Seq};
@@ -643,6 +643,8 @@ impl WriterState {
             };
             let mut t = wtx.open_table(OWN_ORIGINS)?;
             t.insert((&*key.0, key.1), fresh)?;
+            let mut all = wtx.open_table(OWN_ORIGIN_SET)?;
+            all.insert(fresh, ())?;
             self.own.insert(key.clone(), fresh);
             if let Ok(mut s) = self.own_set.write() {
                 s.insert(fresh);
