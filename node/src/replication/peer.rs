@@ -426,12 +426,25 @@ async fn session(
                     let view = s.view.borrow().clone();
                     let mut frames: Vec<(Arc<str>, u32, Vec<WireRecord>)> = Vec::new();
                     let mut live_frames: Vec<(Arc<str>, u32, Vec<WireRecord>)> = Vec::new();
+                    // Commit batches are ordered by partition: one placement per run.
+                    let mut last: Option<(Arc<str>, u32, bool)> = None;
                     for c in batch.iter() {
                         if !s.storage.is_own(c.record.id.origin.0) {
                             continue;
                         }
-                        let Some(cfg) = s.storage.topic(&c.topic) else { continue };
-                        if !view.replicas(&c.topic, c.partition.0, cfg.replication_factor).iter().any(|r| r == peer) {
+                        let to_peer = match &last {
+                            Some((t, p, b)) if *p == c.partition.0 && **t == *c.topic => *b,
+                            _ => {
+                                let Some(cfg) = s.storage.topic(&c.topic) else { continue };
+                                let b = view
+                                    .replicas(&c.topic, c.partition.0, cfg.replication_factor)
+                                    .iter()
+                                    .any(|r| r == peer);
+                                last = Some((c.topic.clone(), c.partition.0, b));
+                                b
+                            }
+                        };
+                        if !to_peer {
                             // Not stored there: relayed for its live MQTT subscribers only.
                             if !c.topic.starts_with('_') {
                                 match live_frames.last_mut() {
@@ -446,10 +459,10 @@ async fn session(
                         // A hole in what this connection sent (a placement change, a lag) is
                         // reported by the replica as a gap and resent from the log then.
                         let seq = c.record.id.seq.0;
-                        let idx = index
-                            .entry((c.topic.clone(), c.partition.0, c.record.id.origin.0))
-                            .or_default();
                         if seq % INDEX_EVERY == 1 {
+                            let idx = index
+                                .entry((c.topic.clone(), c.partition.0, c.record.id.origin.0))
+                                .or_default();
                             idx.insert(seq, c.offset.0);
                             if idx.len() > INDEX_MAX {
                                 idx.pop_first();
@@ -520,8 +533,23 @@ async fn push(
     have: Vv,
     only: Option<u64>,
 ) -> Result<(), String> {
-    let mut from = from;
     let have = Arc::new(have);
+    let mut from = from;
+    if from == Offset(0) {
+        let st = s.storage.clone();
+        let (t, h) = (topic.to_string(), have.clone());
+        let start =
+            tokio::task::spawn_blocking(move || st.resume_offset(&t, PartitionId(partition), &h))
+                .await
+                .map_err(|e| e.to_string())?;
+        match start {
+            Ok(o) => from = o,
+            Err(e) => {
+                tracing::debug!(topic, partition, error = %e, "cannot find where to push from");
+                return Ok(());
+            }
+        }
+    }
     loop {
         let st = s.storage.clone();
         let t = topic.to_string();

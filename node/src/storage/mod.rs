@@ -572,6 +572,52 @@ impl Storage {
         Ok(batch)
     }
 
+    /// Where a push to a replica holding `have` must start: the lowest offset of a record
+    /// it lacks, found by scanning back from the end of the log (what a replica lacks is
+    /// usually recent). Records of one origin are in seq order along the log (I3), so the
+    /// scan stops once it has passed the first missing seq of every lacking origin
+    /// (blocking).
+    pub fn resume_offset(
+        &self,
+        topic: &str,
+        partition: PartitionId,
+        have: &[(u64, u64)],
+    ) -> Result<Offset, StorageError> {
+        self.check_partition(topic, partition)?;
+        let rtx = self.inner.db.begin_read()?;
+        let meta = read_partition_meta(&rtx, topic, partition.0)?;
+        let mut need: HashMap<u64, u64> = meta
+            .version_vector
+            .iter()
+            .filter(|(o, s)| *s > crate::replication::core::vv_get(have, *o))
+            .map(|(o, _)| (*o, crate::replication::core::vv_get(have, *o) + 1))
+            .collect();
+        if need.is_empty() {
+            return Ok(Offset(meta.next_offset));
+        }
+        let name = log_table_name(topic, partition.0);
+        let def: TableDefinition<u64, &[u8]> = TableDefinition::new(&name);
+        let Some(table) = open_opt(&rtx, def)? else {
+            return Ok(Offset(meta.log_start));
+        };
+        for item in table.range(meta.log_start..)?.rev() {
+            let (k, v) = item?;
+            let record: Record =
+                format::decode(v.value()).map_err(|source| StorageError::Corrupt {
+                    table: name.clone(),
+                    source,
+                })?;
+            let o = record.id.origin.0;
+            if need.get(&o).is_some_and(|first| record.id.seq.0 <= *first) {
+                need.remove(&o);
+                if need.is_empty() {
+                    return Ok(Offset(k.value()));
+                }
+            }
+        }
+        Ok(Offset(meta.log_start))
+    }
+
     /// Records of a partition that a replica with version vector `have` lacks (`seq >
     /// have[origin]`), in log order from offset `from`, at most `limit` records or about
     /// `max_bytes`; `only` restricts them to one origin. Returns them with the offset to
