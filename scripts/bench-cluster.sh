@@ -14,7 +14,8 @@
 #
 # Usage: bash scripts/bench-cluster.sh
 # Knobs (env): RUNS (3), CONNS (30), MSGS (300000), WINDOW (20), LAG_RATE (2000),
-#   LAG_SECS (10), REREP (1000000), CARGO_TARGET_DIR (./target).
+#   LAG_SECS (10), REREP (1000000), SKIP_INGEST=1 (lag and re-replication only),
+#   CARGO_TARGET_DIR (./target).
 # Needs: cargo, curl, python3. Listens on 127.0.0.11-13 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -104,7 +105,12 @@ print(round(sum(json.load(open(f))["msgs_per_s"] for f in sys.argv[1:])))' "${ou
 
 single=()
 cluster=()
+if [ "${SKIP_INGEST:-0}" = 1 ]; then # only lag and re-replication (for a quick re-run)
+  start_cluster
+  single=(1) cluster=(1)
+fi
 for run in $(seq "$RUNS"); do
+  [ "${SKIP_INGEST:-0}" = 1 ] && break
   rm -rf "$WORK/n1"
   start_node 1
   single+=("$(load 127.0.0.11 127.0.0.11 127.0.0.11)")
@@ -141,7 +147,8 @@ PIDS[3]=""
 rm -rf "$WORK/n3"
 t0=$(date +%s.%N)
 start_node 3 127.0.0.11:7946
-until converged telemetry; do sleep 0.05; done
+# Converged only counts once node 1 sees the new node 3 as a live replica again.
+until [ "$(live_members 1)" = 3 ] && converged telemetry; do sleep 0.05; done
 t1=$(date +%s.%N)
 held=$(curl -sf "http://127.0.0.13:8080/v1/topics/telemetry?scope=local" |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["records"])')
