@@ -1,5 +1,6 @@
 //! HTTP client side of the CLI: topic commands and `consume`.
 
+use super::out;
 use std::io::Write;
 use std::time::Duration;
 
@@ -58,7 +59,7 @@ pub(super) async fn topic(url: &str, cmd: TopicCommand) -> anyhow::Result<()> {
                 "retention_bytes": retention_bytes,
             });
             let v = call(c.post(format!("{base}/v1/topics")).json(&body), base).await?;
-            println!(
+            out!(
                 "created topic {} with {} partitions",
                 v["name"].as_str().unwrap_or(&name),
                 v["partitions"]
@@ -66,16 +67,19 @@ pub(super) async fn topic(url: &str, cmd: TopicCommand) -> anyhow::Result<()> {
         }
         TopicCommand::List => {
             let v = call(c.get(format!("{base}/v1/topics")), base).await?;
-            println!(
+            out!(
                 "{:<24} {:>10} {:>4} {:>7}  RETENTION",
-                "TOPIC", "PARTITIONS", "RF", "ACKS"
+                "TOPIC",
+                "PARTITIONS",
+                "RF",
+                "ACKS"
             );
             for t in v["topics"].as_array().into_iter().flatten() {
                 let retention = t["retention_ms"]
                     .as_u64()
                     .map(|ms| humantime::format_duration(Duration::from_millis(ms)).to_string())
                     .unwrap_or_else(|| "forever".into());
-                println!(
+                out!(
                     "{:<24} {:>10} {:>4} {:>7}  {}",
                     t["name"].as_str().unwrap_or("?"),
                     t["partitions"].as_u64().unwrap_or(0),
@@ -87,7 +91,7 @@ pub(super) async fn topic(url: &str, cmd: TopicCommand) -> anyhow::Result<()> {
         }
         TopicCommand::Describe { name } => {
             let v = call(c.get(format!("{base}/v1/topics/{name}")), base).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            out!("{}", serde_json::to_string_pretty(&v)?);
         }
     }
     Ok(())
@@ -223,7 +227,7 @@ pub(super) async fn consumer(
                 base,
             )
             .await?;
-            println!(
+            out!(
                 "deployed consumer {name} version {} on topic {} (filter {})",
                 v["version"],
                 v["topic"].as_str().unwrap_or("?"),
@@ -232,9 +236,15 @@ pub(super) async fn consumer(
         }
         ConsumerCommand::List => {
             let v = call(c.get(format!("{base}/v1/consumers")), base).await?;
-            println!(
+            out!(
                 "{:<20} {:>7} {:<16} {:<10} {:>10} {:>8} {:>8}",
-                "CONSUMER", "VERSION", "TOPIC", "STATE", "RECORDS", "ALERTS", "LAG"
+                "CONSUMER",
+                "VERSION",
+                "TOPIC",
+                "STATE",
+                "RECORDS",
+                "ALERTS",
+                "LAG"
             );
             for s in v["consumers"].as_array().into_iter().flatten() {
                 let parts = s["partitions"].as_array().cloned().unwrap_or_default();
@@ -244,7 +254,7 @@ pub(super) async fn consumer(
                         .map(|p| p[f].as_u64().unwrap_or(0))
                         .sum::<u64>()
                 };
-                println!(
+                out!(
                     "{:<20} {:>7} {:<16} {:<10} {:>10} {:>8} {:>8}",
                     s["name"].as_str().unwrap_or("?"),
                     s["version"].as_u64().unwrap_or(0),
@@ -258,11 +268,11 @@ pub(super) async fn consumer(
         }
         ConsumerCommand::Status { name } => {
             let v = call(c.get(format!("{base}/v1/consumers/{name}")), base).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            out!("{}", serde_json::to_string_pretty(&v)?);
         }
         ConsumerCommand::Remove { name } => {
             call(auth(c.delete(format!("{base}/v1/consumers/{name}"))), base).await?;
-            println!("removed consumer {name}");
+            out!("removed consumer {name}");
         }
     }
     Ok(())
@@ -309,12 +319,16 @@ pub(super) async fn cluster(url: &str) -> anyhow::Result<()> {
     let c = http()?;
     let base = url.trim_end_matches('/');
     let v = call(c.get(format!("{base}/v1/cluster")), base).await?;
-    println!(
+    out!(
         "{:<20} {:<6} {:<17} {:<22} {:<22}",
-        "NODE", "LIVE", "ORIGIN", "MQTT", "HTTP"
+        "NODE",
+        "LIVE",
+        "ORIGIN",
+        "MQTT",
+        "HTTP"
     );
     for m in v["members"].as_array().into_iter().flatten() {
-        println!(
+        out!(
             "{:<20} {:<6} {:<17} {:<22} {:<22}",
             m["node_id"].as_str().unwrap_or("?"),
             if m["live"].as_bool().unwrap_or(false) {
@@ -327,10 +341,12 @@ pub(super) async fn cluster(url: &str) -> anyhow::Result<()> {
             m["http_addr"].as_str().unwrap_or("?"),
         );
     }
-    println!();
-    println!(
+    out!();
+    out!(
         "{:<24} {:>9} {:<20} REPLICAS",
-        "TOPIC", "PARTITION", "OWNER"
+        "TOPIC",
+        "PARTITION",
+        "OWNER"
     );
     let mut under = 0;
     for p in v["partitions"].as_array().into_iter().flatten() {
@@ -343,7 +359,7 @@ pub(super) async fn cluster(url: &str) -> anyhow::Result<()> {
             .flatten()
             .filter_map(|r| r.as_str())
             .collect();
-        println!(
+        out!(
             "{:<24} {:>9} {:<20} {}",
             p["topic"].as_str().unwrap_or("?"),
             p["partition"].as_u64().unwrap_or(0),
@@ -352,7 +368,7 @@ pub(super) async fn cluster(url: &str) -> anyhow::Result<()> {
         );
     }
     if under > 0 {
-        println!(
+        out!(
             "\n{under} partitions have fewer live replicas than they should: a member is down \
              (anti-entropy re-replicates to the live nodes)"
         );

@@ -10,6 +10,20 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// `println!` that ends the process quietly when stdout is closed (`shoal cluster | head`)
+/// instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*)
+            && e.kind() == std::io::ErrorKind::BrokenPipe
+        {
+            std::process::exit(0);
+        }
+    }};
+}
+pub(crate) use out;
+
 use crate::config::Config;
 
 #[derive(Parser, Debug)]
