@@ -589,6 +589,7 @@ async fn consumer_fails_over_to_the_new_owner_without_skipping_records() {
     }
     assert_eq!(records.len(), total, "no record skipped");
     assert_eq!(ids.len(), total, "one alert id per record");
+    assert_eq!(alerts.len(), total, "no alert id twice in _alerts");
     eprintln!(
         "{} alert rows for {total} records ({} re-raised under the same id)",
         alerts.len(),

@@ -36,6 +36,9 @@ const PARTITIONS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("pa
 /// origin: after a handoff dropped every record of its previous own stream, a fresh origin
 /// keeps the version vector truthful (it never claims ids this node no longer holds).
 const OWN_ORIGINS: TableDefinition<(&str, u32), u64> = TableDefinition::new("own_origins");
+/// Alert ids present in `_alerts` (value: when first stored), so an alert raised again after
+/// a consumer failover is not appended twice.
+const ALERT_IDS: TableDefinition<&[u8], u64> = TableDefinition::new("alert_ids");
 /// Every origin this node ever wrote under (current and handed-off streams).
 const OWN_ORIGIN_SET: TableDefinition<u64, ()> = TableDefinition::new("own_origin_set");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("mqtt_retained");

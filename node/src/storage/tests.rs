@@ -458,3 +458,54 @@ async fn handoff_drops_whole_origins_and_switches_the_own_stream() {
         .collect();
     assert_eq!(payloads, ["x", "y", "c", "d"].map(Bytes::from).to_vec());
 }
+
+/// I7: `_alerts` keeps one record per alert id, across requests and restarts; replicated
+/// alerts register their ids too.
+#[tokio::test]
+async fn alerts_are_stored_once_per_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let alert = |id: &str| Op::Append {
+        topic: Arc::from("_alerts"),
+        partition: PartitionId(0),
+        record: NewRecord {
+            key: Bytes::copy_from_slice(id.as_bytes()),
+            subject: "shoal/alerts/c/k".into(),
+            payload: Bytes::from_static(b"{}"),
+            headers: vec![],
+            event_time_ms: None,
+        },
+    };
+    {
+        let s = open(dir.path());
+        s.create_topic(topic("_alerts", 1)).await.unwrap();
+        let out = s
+            .write(vec![alert("a"), alert("a"), alert("b")])
+            .await
+            .unwrap();
+        assert!(matches!(out[0], OpOutcome::Appended { .. }));
+        assert_eq!(out[1], OpOutcome::Duplicate);
+        assert!(matches!(out[2], OpOutcome::Appended { .. }));
+        let mut r = replicated(9, 1, "{}");
+        r.key = Bytes::from_static(b"c");
+        s.write(vec![Op::Replicate {
+            topic: Arc::from("_alerts"),
+            partition: PartitionId(0),
+            records: vec![r],
+        }])
+        .await
+        .unwrap();
+        s.shutdown().await;
+    }
+    let s = open(dir.path());
+    let out = s
+        .write(vec![alert("b"), alert("c"), alert("d")])
+        .await
+        .unwrap();
+    assert_eq!(out[0], OpOutcome::Duplicate, "remembered across a restart");
+    assert_eq!(
+        out[1],
+        OpOutcome::Duplicate,
+        "a replicated alert's id counts"
+    );
+    assert!(matches!(out[2], OpOutcome::Appended { .. }));
+}

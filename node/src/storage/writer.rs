@@ -16,8 +16,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::format::{self, PartitionMeta, Record, TopicConfig};
 use super::{
-    CHECKPOINTS, CONSUMER_STATE, CONSUMERS, CURSORS, Committed, CommittedBatch, INBOUND, MODULES,
-    OWN_ORIGIN_SET, OWN_ORIGINS, Op, OpOutcome, PARTITIONS, PRODUCERS, RETAINED, SESSIONS,
+    ALERT_IDS, CHECKPOINTS, CONSUMER_STATE, CONSUMERS, CURSORS, Committed, CommittedBatch, INBOUND,
+    MODULES, OWN_ORIGIN_SET, OWN_ORIGINS, Op, OpOutcome, PARTITIONS, PRODUCERS, RETAINED, SESSIONS,
     StorageError, TOPICS, log_table_name,
 };
 use crate::metrics::METRICS;
@@ -169,6 +169,10 @@ impl WriterState {
         let mut retention: Option<u64> = None;
         let mut drops: Vec<((Arc<str>, u32), Vec<(u64, u64)>)> = Vec::new();
         let mut appended = 0u64;
+        // Alert ids stored by this transaction (see `ALERT_IDS`), and a read snapshot to look
+        // up earlier ones, opened on first use.
+        let mut alert_ids: std::collections::HashSet<bytes::Bytes> = Default::default();
+        let mut alert_rtx: Option<redb::ReadTransaction> = None;
         // Undo information for the in-memory partition state if the commit fails.
         let mut before: HashMap<(Arc<str>, u32), PartitionMeta> = HashMap::new();
         let mut producer_before: HashMap<ProducerKey, Vec<(u64, u64)>> = HashMap::new();
@@ -198,6 +202,25 @@ impl WriterState {
                             outcomes.push(OpOutcome::Duplicate);
                             continue;
                         }
+                        Op::Append {
+                            topic,
+                            partition,
+                            record,
+                        }
+                    }
+                    Op::Append {
+                        topic,
+                        partition,
+                        record,
+                    } if &*topic == crate::consumers::ALERTS_TOPIC => {
+                        // `_alerts` keeps one record per alert id: a batch re-run by a new
+                        // owner after a failover raises the same ids again (I7).
+                        let id = record.key.clone();
+                        if alert_ids.contains(&id) || self.alert_seen(&id, &mut alert_rtx) {
+                            outcomes.push(OpOutcome::Duplicate);
+                            continue;
+                        }
+                        alert_ids.insert(id);
                         Op::Append {
                             topic,
                             partition,
@@ -271,6 +294,11 @@ impl WriterState {
                             }
                             let offset = meta.next_offset;
                             meta.next_offset += 1;
+                            if &*topic == crate::consumers::ALERTS_TOPIC {
+                                // Stored whatever its id (I3 keeps every id of an origin),
+                                // but remembered, so this node never raises it again.
+                                alert_ids.insert(rec.key.clone());
+                            }
                             let value = format::encode(&rec);
                             meta.bytes += value.len() as u64 + 8;
                             appends
@@ -332,6 +360,12 @@ impl WriterState {
                 let mut table = wtx.open_table(def)?;
                 for (offset, value, _) in rows {
                     table.insert(*offset, value.as_slice())?;
+                }
+            }
+            if !alert_ids.is_empty() {
+                let mut t = wtx.open_table(ALERT_IDS)?;
+                for id in &alert_ids {
+                    t.insert(&id[..], now)?;
                 }
             }
             if !producer_before.is_empty() {
@@ -573,6 +607,21 @@ impl WriterState {
             }
         }
         Ok(())
+    }
+
+    /// Whether an alert id is already stored (read from a snapshot opened once per batch; a
+    /// read failure counts as "not seen", so an alert is never lost to it).
+    fn alert_seen(&self, id: &[u8], rtx: &mut Option<redb::ReadTransaction>) -> bool {
+        if rtx.is_none() {
+            *rtx = self.db.begin_read().ok();
+        }
+        let Some(rtx) = rtx.as_ref() else {
+            return false;
+        };
+        match rtx.open_table(ALERT_IDS) {
+            Ok(t) => t.get(id).ok().flatten().is_some(),
+            Err(_) => false,
+        }
     }
 
     /// Handoff: deletes the records of one partition whose origin every current replica
