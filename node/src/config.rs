@@ -277,9 +277,11 @@ impl Config {
     /// Checks every setting and returns the topics to create at start-up (always including
     /// `telemetry`).
     pub fn validate(&self) -> Result<Vec<TopicConfig>, ConfigError> {
-        if self.mqtt.max_packet_size < 64 || self.mqtt.max_packet_size > 256 << 20 {
+        // A record must fit one replication frame (16 MiB) with room to spare.
+        if self.mqtt.max_packet_size < 64 || self.mqtt.max_packet_size > 8 << 20 {
             return Err(ConfigError(format!(
-                "mqtt.max_packet_size = {} is outside 64 bytes ..= 256 MiB",
+                "mqtt.max_packet_size = {} is outside 64 bytes ..= 8 MiB (records must fit a \
+                 replication frame)",
                 self.mqtt.max_packet_size
             )));
         }

@@ -90,7 +90,19 @@ pub fn session_op(client_id: &str, subscriptions: Option<Vec<(String, u8)>>) -> 
 /// Applies other nodes' retained messages and sessions until shutdown.
 pub async fn sync(storage: Storage, stop: CancellationToken) {
     let mut commits = storage.watch_commits();
+    // Where each topic was applied up to, committed with what it applied: a restart does not
+    // replay older records over newer local state (a deleted retained message stays deleted).
+    let cursor = |topic: &str| format!("sync/{topic}");
     let mut next = [0u64; 2];
+    for (i, topic) in [RETAINED_TOPIC, SESSIONS_TOPIC].into_iter().enumerate() {
+        let st = storage.clone();
+        let name = cursor(topic);
+        match tokio::task::spawn_blocking(move || st.cursor(&name)).await {
+            Ok(Ok(c)) => next[i] = c.unwrap_or(0),
+            Ok(Err(e)) => tracing::warn!(topic, error = %e, "cannot read the sync cursor"),
+            Err(_) => return,
+        }
+    }
     loop {
         for (i, topic) in [RETAINED_TOPIC, SESSIONS_TOPIC].into_iter().enumerate() {
             loop {
@@ -130,9 +142,11 @@ pub async fn sync(storage: Storage, stop: CancellationToken) {
                         }
                     }
                 }
-                if !ops.is_empty()
-                    && let Err(e) = storage.write(ops).await
-                {
+                ops.push(Op::SetCursor {
+                    name: cursor(topic),
+                    offset: next[i],
+                });
+                if let Err(e) = storage.write(ops).await {
                     tracing::warn!(topic, error = %e, "cannot store MQTT state from peers");
                     return;
                 }

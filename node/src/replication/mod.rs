@@ -48,6 +48,10 @@ pub enum Control {
     },
 }
 
+/// Work items queued per outbound connection before new ones are dropped (anti-entropy
+/// repeats them).
+const CONTROL_QUEUE: usize = 1 << 16;
+
 pub(crate) struct Shared {
     pub storage: Storage,
     pub me: String,
@@ -276,6 +280,9 @@ async fn supervise(s: Arc<Shared>, every: Duration) {
         };
         let view = view_rx.borrow_and_update().clone();
         if changed {
+            // Handoff may only trust version vectors reported under the current view: a
+            // peer that was a replica before may have handed the partition off since.
+            lock(&s.peer_vvs).clear();
             // Connections follow the live members.
             let live: HashMap<&str, (std::net::SocketAddr, u64)> = view
                 .members
@@ -298,7 +305,8 @@ async fn supervise(s: Arc<Shared>, every: Duration) {
                     continue;
                 }
                 let stop = s.shutdown.child_token();
-                let (tx, rx) = mpsc::channel(1024);
+                // Room for a digest and a push of every partition of a large node.
+                let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
                 lock(&s.peers).insert(node.to_string(), tx);
                 tasks.insert(node.to_string(), (addr, gen_, stop.clone()));
                 s.tracker

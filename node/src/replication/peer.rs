@@ -249,6 +249,26 @@ async fn inbound(s: Arc<Shared>, stream: TcpStream) -> Result<(), String> {
                         only: None,
                     },
                 ),
+                Frame::Trimmed {
+                    topic,
+                    partition,
+                    origin,
+                    below,
+                } => {
+                    if s.storage.topic(&topic).is_none() {
+                        continue;
+                    }
+                    let op = Op::SkipTrimmed {
+                        topic: Arc::from(topic.as_str()),
+                        partition: PartitionId(partition),
+                        origin,
+                        below,
+                    };
+                    // In the same ordered queue as the Appends that follow it.
+                    if let Err(e) = s.storage.enqueue(vec![op]).await {
+                        return Err(format!("storage refused a trimmed prefix: {e}"));
+                    }
+                }
                 Frame::Live { records, .. } => {
                     let batch: Vec<Arc<Record>> = records
                         .into_iter()
@@ -261,8 +281,11 @@ async fn inbound(s: Arc<Shared>, stream: TcpStream) -> Result<(), String> {
             }
         }
     };
-    let (a, b) = tokio::join!(reads, replies);
-    a.and(b)
+    let stop = s.shutdown.clone();
+    tokio::select! {
+        _ = stop.cancelled() => Ok(()),
+        (a, b) = async { tokio::join!(reads, replies) } => a.and(b),
+    }
 }
 
 async fn my_vv(s: &Shared, topic: &str, partition: u32) -> Vv {
@@ -315,7 +338,12 @@ pub(crate) async fn outbound(
             Ok(Ok(stream)) => {
                 backoff = Duration::from_millis(50);
                 let _ = stream.set_nodelay(true);
-                match session(&s, &peer, stream, &mut control, &stop).await {
+                // Raced with `stop`, so a peer that stopped reading cannot hold shutdown.
+                let run = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = session(&s, &peer, stream, &mut control, &stop) => r,
+                };
+                match run {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::info!(%peer, %addr, error = %e, "replication connection lost; reconnecting")
@@ -330,6 +358,39 @@ pub(crate) async fn outbound(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// A frame being filled: topic, partition, records, approximate bytes.
+type Pending = (Arc<str>, u32, Vec<WireRecord>, usize);
+
+/// Adds a record to the last frame when it is for the same partition and has room (records
+/// and bytes, so a frame stays far below `MAX_FRAME`), else starts a new frame.
+fn add(frames: &mut Vec<Pending>, topic: &Arc<str>, partition: u32, r: &Record) {
+    let size = r.payload.len()
+        + r.key.len()
+        + r.subject.len()
+        + r.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + 48;
+    match frames.last_mut() {
+        Some((t, p, v, bytes))
+            if t == topic
+                && *p == partition
+                && v.len() < BATCH_RECORDS
+                && *bytes + size <= BATCH_BYTES =>
+        {
+            v.push(WireRecord::from(r.clone()));
+            *bytes += size;
+        }
+        _ => frames.push((
+            topic.clone(),
+            partition,
+            vec![WireRecord::from(r.clone())],
+            size,
+        )),
     }
 }
 
@@ -424,8 +485,8 @@ async fn session(
             batch = live.recv() => match batch {
                 Ok(batch) => {
                     let view = s.view.borrow().clone();
-                    let mut frames: Vec<(Arc<str>, u32, Vec<WireRecord>)> = Vec::new();
-                    let mut live_frames: Vec<(Arc<str>, u32, Vec<WireRecord>)> = Vec::new();
+                    let mut frames: Vec<Pending> = Vec::new();
+                    let mut live_frames: Vec<Pending> = Vec::new();
                     // Commit batches are ordered by partition: one placement per run.
                     let mut last: Option<(Arc<str>, u32, bool)> = None;
                     for c in batch.iter() {
@@ -447,12 +508,7 @@ async fn session(
                         if !to_peer {
                             // Not stored there: relayed for its live MQTT subscribers only.
                             if !c.topic.starts_with('_') {
-                                match live_frames.last_mut() {
-                                    Some((t, p, v)) if *t == c.topic && *p == c.partition.0 && v.len() < BATCH_RECORDS => {
-                                        v.push(WireRecord::from((*c.record).clone()));
-                                    }
-                                    _ => live_frames.push((c.topic.clone(), c.partition.0, vec![WireRecord::from((*c.record).clone())])),
-                                }
+                                add(&mut live_frames, &c.topic, c.partition.0, &c.record);
                             }
                             continue;
                         }
@@ -468,18 +524,13 @@ async fn session(
                                 idx.pop_first();
                             }
                         }
-                        match frames.last_mut() {
-                            Some((t, p, v)) if *t == c.topic && *p == c.partition.0 && v.len() < BATCH_RECORDS => {
-                                v.push(WireRecord::from((*c.record).clone()));
-                            }
-                            _ => frames.push((c.topic.clone(), c.partition.0, vec![WireRecord::from((*c.record).clone())])),
-                        }
+                        add(&mut frames, &c.topic, c.partition.0, &c.record);
                     }
-                    for (topic, partition, records) in frames {
+                    for (topic, partition, records, _) in frames {
                         METRICS.replication_records_sent.inc_by(records.len() as u64);
                         writer.feed(Frame::Append { topic: topic.to_string(), partition, records }).await.map_err(|e| e.to_string())?;
                     }
-                    for (topic, partition, records) in live_frames {
+                    for (topic, partition, records, _) in live_frames {
                         writer.feed(Frame::Live { topic: topic.to_string(), partition, records }).await.map_err(|e| e.to_string())?;
                     }
                     writer.flush().await.map_err(|e| e.to_string())?;
@@ -501,7 +552,7 @@ async fn session(
                 let from = if s.storage.is_own(origin) {
                     index
                         .get(&(Arc::from(topic.as_str()), partition, origin))
-                        .and_then(|idx| idx.range(..=have + 1).next_back().map(|(_, o)| *o))
+                        .and_then(|idx| idx.range(..=have.saturating_add(1)).next_back().map(|(_, o)| *o))
                         .unwrap_or(0)
                 } else {
                     0
@@ -534,6 +585,7 @@ async fn push(
     only: Option<u64>,
 ) -> Result<(), String> {
     let have = Arc::new(have);
+    let mut started: std::collections::HashSet<u64> = Default::default();
     let mut from = from;
     if from == Offset(0) {
         let st = s.storage.clone();
@@ -574,6 +626,24 @@ async fn push(
                 return Ok(());
             }
         };
+        for r in &records {
+            let o = r.id.origin.0;
+            if started.insert(o)
+                && r.id.seq.0 > crate::replication::core::vv_get(&have, o).saturating_add(1)
+            {
+                // The seqs before this one are gone from this log (retention): without this
+                // the peer would wait for them forever (I3).
+                writer
+                    .feed(Frame::Trimmed {
+                        topic: topic.to_string(),
+                        partition,
+                        origin: o,
+                        below: r.id.seq.0,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
         if !records.is_empty() {
             METRICS
                 .replication_records_sent

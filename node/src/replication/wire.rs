@@ -79,6 +79,14 @@ pub enum Frame {
         partition: u32,
         records: Vec<WireRecord>,
     },
+    /// The sender's log no longer has `origin`'s seqs below `below` (retention deleted
+    /// them): the receiver counts them as held, so I3 accepts `below` next.
+    Trimmed {
+        topic: String,
+        partition: u32,
+        origin: u64,
+        below: u64,
+    },
 }
 
 /// The version two peers speak, if their ranges overlap.
@@ -243,9 +251,18 @@ mod tests {
             },
             GOLDEN[6],
         );
+        check(
+            Frame::Trimmed {
+                topic: "t".into(),
+                partition: 2,
+                origin: 5,
+                below: 300,
+            },
+            GOLDEN[7],
+        );
     }
 
-    const GOLDEN: [&str; 7] = [
+    const GOLDEN: [&str; 8] = [
         "00000008000163016e050101",
         "00000010010174020105010708016b0173017000",
         "000000070201740205ac02",
@@ -253,6 +270,7 @@ mod tests {
         "000000080401740001050901",
         "000000050501740000",
         "00000010060174020105010708016b0173017000",
+        "000000070701740205ac02",
     ];
 
     #[test]

@@ -123,6 +123,14 @@ pub enum Op {
         partition: PartitionId,
         records: Vec<Record>,
     },
+    /// A peer no longer has `origin`'s seqs below `below` (retention): count them as held
+    /// here too, so the next one it sends is accepted (I3 "less what retention deleted").
+    SkipTrimmed {
+        topic: Arc<str>,
+        partition: PartitionId,
+        origin: u64,
+        below: u64,
+    },
     /// Handoff (PROTOCOL.md I6): delete the records every current replica holds, i.e.
     /// whose seq is at most `covered[origin]`. Origins left without records leave the
     /// version vector, except this node's own (its seqs must keep increasing).

@@ -509,3 +509,42 @@ async fn alerts_are_stored_once_per_id() {
     );
     assert!(matches!(out[2], OpOutcome::Appended { .. }));
 }
+
+/// A trimmed prefix reported by a peer counts as held, so I3 accepts what follows it.
+#[tokio::test]
+async fn a_trimmed_prefix_lets_the_next_records_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.create_topic(topic("t", 1)).await.unwrap();
+    let rep = |records| Op::Replicate {
+        topic: Arc::from("t"),
+        partition: PartitionId(0),
+        records,
+    };
+    let out = s
+        .write(vec![rep(vec![replicated(9, 40, "x")])])
+        .await
+        .unwrap();
+    assert_eq!(
+        out[0],
+        OpOutcome::Replicated {
+            version_vector: vec![],
+            gaps: vec![9]
+        },
+        "seqs 1..39 missing: a gap"
+    );
+    s.write(vec![
+        Op::SkipTrimmed {
+            topic: Arc::from("t"),
+            partition: PartitionId(0),
+            origin: 9,
+            below: 40,
+        },
+        rep(vec![replicated(9, 40, "x"), replicated(9, 41, "y")]),
+    ])
+    .await
+    .unwrap();
+    let meta = s.partition_meta("t", PartitionId(0)).unwrap();
+    assert_eq!(meta.version_vector, vec![(9, 41)]);
+    assert_eq!(meta.next_offset, 2);
+}

@@ -312,6 +312,23 @@ impl WriterState {
                             gaps,
                         });
                     }
+                    Op::SkipTrimmed {
+                        topic,
+                        partition,
+                        origin,
+                        below,
+                    } => {
+                        let key = (topic.clone(), partition.0);
+                        let meta = self.parts.entry(key.clone()).or_default();
+                        if vv_get(&meta.version_vector, origin) < below.saturating_sub(1) {
+                            if !before.contains_key(&key) {
+                                before.insert(key.clone(), meta.clone());
+                                touched.push(key.clone());
+                            }
+                            vv_set(&mut meta.version_vector, origin, below.saturating_sub(1));
+                        }
+                        outcomes.push(OpOutcome::Done);
+                    }
                     Op::DropCovered {
                         topic,
                         partition,
@@ -567,6 +584,9 @@ impl WriterState {
                 }
                 | Op::DropCovered {
                     topic, partition, ..
+                }
+                | Op::SkipTrimmed {
+                    topic, partition, ..
                 } => {
                     let partitions = topics
                         .get(&**topic)
@@ -804,7 +824,7 @@ fn insert_seq(ranges: &mut Vec<(u64, u64)>, seq: u64) -> bool {
 
 /// Increments and returns the origin's seq in a sorted version vector.
 pub(crate) use crate::replication::core::vv_get;
-use crate::replication::core::{Accept, accept};
+use crate::replication::core::{Accept, accept, vv_set};
 
 fn bump_seq(vv: &mut Vec<(u64, u64)>, origin: u64) -> u64 {
     match vv.binary_search_by_key(&origin, |(o, _)| *o) {
