@@ -667,3 +667,48 @@ async fn retained_messages_and_sessions_follow_a_client_to_another_node() {
         ("alerts/boiler", &b"hot"[..])
     );
 }
+
+/// A node restarted while its peers are down remembers them (I4): it does not ack alone a
+/// write that needs a quorum (the connection closes without PUBACK after the ack timeout),
+/// and acks again once a second replica is back.
+#[tokio::test]
+async fn a_restarted_node_alone_does_not_ack_what_needs_a_quorum() {
+    use rumqttc::QoS;
+    use rumqttc::mqttbytes::v4::{Packet, Publish};
+    let mut c = Cluster::start(3, "").await;
+    for i in 0..3 {
+        c.kill9(i).await;
+    }
+    c.start_node(0).await;
+    let mut raw = shoal_tests::RawClient::connect(c.nodes[0].mqtt()).await;
+    raw.handshake("lonely", true, 60).await;
+    let mut p = Publish::new("sensors/x", QoS::AtLeastOnce, b"1".to_vec());
+    p.pkid = 1;
+    raw.send(Packet::Publish(p)).await;
+    let seen = raw.until_closed().await;
+    assert!(
+        !seen.iter().any(|p| matches!(p, Packet::PubAck(_))),
+        "acked with one copy out of three: {seen:?}"
+    );
+    c.start_node(1).await;
+    for i in [0, 1] {
+        let url = c.nodes[i].url();
+        eventually("n1 and n2 see each other", || {
+            let url = url.clone();
+            async move {
+                let v = http_get(&url, "/v1/cluster").await;
+                let live = v["members"]
+                    .as_array()?
+                    .iter()
+                    .filter(|m| m["live"] == true)
+                    .count();
+                (live == 2).then_some(())
+            }
+        })
+        .await;
+    }
+    let (mut client, _) = shoal_tests::Client::connect(c.nodes[0].mqtt(), "back", true).await;
+    client
+        .publish_acked("sensors/x", QoS::AtLeastOnce, false, b"2")
+        .await;
+}

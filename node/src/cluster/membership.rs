@@ -25,6 +25,8 @@ const K_HTTP: &str = "http";
 const K_PEER: &str = "peer";
 const K_VERSION: &str = "version";
 const TOPIC_PREFIX: &str = "topic/";
+/// Node ids of the other members, one per line, in the data directory.
+const MEMBERS_FILE: &str = "cluster-members";
 
 /// What this node knows about one member.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +46,10 @@ pub struct Peer {
 pub struct View {
     pub me: String,
     pub members: BTreeMap<String, Peer>,
+    /// False while a (re)starting node has not heard from the cluster yet: it then counts
+    /// the members it remembers (as dead) for acks, and runs no consumers, so it neither
+    /// acks alone what needs a quorum nor processes partitions another node owns.
+    pub settled: bool,
 }
 
 impl View {
@@ -52,6 +58,24 @@ impl View {
         View {
             me: me.node_id.clone(),
             members: BTreeMap::from([(me.node_id.clone(), me)]),
+            settled: true,
+        }
+    }
+
+    /// Adds members remembered from an earlier run that gossip has not reported yet, as
+    /// dead, so `required` counts them.
+    fn remember(&mut self, ids: &std::collections::BTreeSet<String>) {
+        for id in ids {
+            self.members.entry(id.clone()).or_insert_with(|| Peer {
+                node_id: id.clone(),
+                generation: 0,
+                origin: 0,
+                mqtt_addr: String::new(),
+                http_addr: String::new(),
+                peer_addr: None,
+                version: String::new(),
+                live: false,
+            });
         }
     }
 
@@ -205,9 +229,36 @@ impl Membership {
             version: env!("CARGO_PKG_VERSION").to_string(),
             live: true,
         });
+        // Members of earlier runs (the file is rewritten whenever the set changes).
+        let members_file = storage
+            .path()
+            .parent()
+            .map(|d| d.join(MEMBERS_FILE))
+            .unwrap_or_else(|| std::path::PathBuf::from(MEMBERS_FILE));
+        let mut remembered: std::collections::BTreeSet<String> =
+            std::fs::read_to_string(&members_file)
+                .map(|t| {
+                    t.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && *l != me.node_id)
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+        let mut solo = solo;
+        let alone = seeds.is_empty() && remembered.is_empty();
+        if !alone {
+            solo.remember(&remembered);
+            solo.settled = false;
+        }
+        // Without an answer from any member for this long, the node settles alone (the
+        // remembered members still count as dead ones).
+        let settle_by = tokio::time::Instant::now() + settings.gossip_interval * 25;
+        let mut settled = alone;
         let (tx, view) = watch::channel(Arc::new(solo));
         let chitchat = handle.chitchat();
         let interval = settings.gossip_interval;
+        let mut last_written = String::new();
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -238,6 +289,31 @@ impl Membership {
                             Err(e) => tracing::warn!(topic = %t.name, error = %e, "cannot create topic learned from a peer"),
                         }
                     }
+                }
+                let mut new_view = new_view;
+                if !settled
+                    && (new_view.members.values().any(|m| m.live && m.node_id != new_view.me)
+                        || tokio::time::Instant::now() >= settle_by)
+                {
+                    settled = true;
+                }
+                new_view.settled = settled;
+                // Remembered members count until gossip reports them (then chitchat's own
+                // dead-node expiry applies).
+                remembered.retain(|id| !new_view.members.contains_key(id));
+                new_view.remember(&remembered);
+                let known: Vec<&str> = new_view
+                    .members
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|id| *id != new_view.me)
+                    .collect();
+                let text = known.join("\n");
+                if text != last_written {
+                    if let Err(e) = std::fs::write(&members_file, &text) {
+                        tracing::warn!(file = %members_file.display(), error = %e, "cannot save the member list");
+                    }
+                    last_written = text;
                 }
                 if **tx.borrow() != new_view {
                     let old = tx.borrow().live();
@@ -305,7 +381,14 @@ fn snapshot(cc: &chitchat::Chitchat) -> (View, Vec<TopicConfig>) {
             }
         }
     }
-    (View { me, members }, topics)
+    (
+        View {
+            me,
+            members,
+            settled: true,
+        },
+        topics,
+    )
 }
 
 #[cfg(test)]

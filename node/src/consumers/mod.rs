@@ -679,7 +679,8 @@ impl Runner {
             .first()
             .cloned()
             .unwrap_or_default();
-        let mine = owner == view.me;
+        // A (re)starting node processes nothing until it has heard from the cluster.
+        let mine = owner == view.me && view.settled;
         self.with_status(p, |s| s.owner = owner.clone());
         if !mine {
             self.parts[p as usize].owned = false;
