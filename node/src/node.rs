@@ -140,6 +140,7 @@ impl Node {
             shutdown.clone(),
             node_name.clone(),
             membership.view.clone(),
+            replication.clone(),
         )
         .await?;
         tracker.spawn(crate::mqtt::cluster::sync(

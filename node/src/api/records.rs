@@ -597,6 +597,13 @@ pub async fn ingest(
         ));
     }
     let topic_arc: std::sync::Arc<str> = std::sync::Arc::from(cfg.name.as_str());
+    let ops_partitions: Vec<PartitionId> = ops
+        .iter()
+        .map(|op| match op {
+            Op::Append { partition, .. } | Op::AppendOnce { partition, .. } => *partition,
+            _ => PartitionId(0),
+        })
+        .collect();
     let outcomes = s.storage.write(ops).await?;
     // The reply waits for the topic's acks policy (I4); 503 when it is not met in time.
     let writes: Vec<_> = outcomes
@@ -607,6 +614,19 @@ pub async fn ingest(
         })
         .collect();
     s.replication.wait(&writes).await?;
+    // Lines skipped as already stored (a retried load) were perhaps never acknowledged
+    // (an earlier reply was a 503): wait for their partitions too.
+    let mut dup_partitions: Vec<PartitionId> = ops_partitions
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| matches!(o, OpOutcome::Duplicate))
+        .map(|(p, _)| *p)
+        .collect();
+    dup_partitions.sort();
+    dup_partitions.dedup();
+    for p in dup_partitions {
+        s.replication.wait_partition(&topic_arc, p).await?;
+    }
     let duplicates = outcomes
         .iter()
         .filter(|o| matches!(o, OpOutcome::Duplicate))

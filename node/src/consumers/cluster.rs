@@ -199,7 +199,17 @@ async fn apply(consumers: &Consumers, r: &Record) -> Result<(), String> {
         } => {
             let inner = &consumers.inner;
             if consumers.owns(&name, partition) {
-                return Ok(()); // the runner here is the owner: its own checkpoint rules
+                // The runner here owns the partition: it merges the progress before its
+                // next batch (its own state and offset rule).
+                if let Ok(mut m) = inner.merges.lock() {
+                    let e = m.entry((name, partition)).or_default();
+                    for (o, s) in version_vector {
+                        if s > vv_get(e, o) {
+                            vv_set(e, o, s);
+                        }
+                    }
+                }
+                return Ok(());
             }
             let st = inner.storage.clone();
             let n = name.clone();

@@ -151,6 +151,10 @@ struct Inner {
     shutdown: CancellationToken,
     node_name: String,
     view: tokio::sync::watch::Receiver<Arc<crate::cluster::View>>,
+    replication: crate::replication::Replication,
+    /// Checkpoint version vectors other nodes sent for partitions a runner here owns:
+    /// (consumer, partition) -> vv, merged by the runner before its next batch.
+    merges: Mutex<HashMap<(String, u32), crate::replication::Vv>>,
 }
 
 /// The consumer manager; cheap to clone.
@@ -204,6 +208,7 @@ impl Consumers {
         shutdown: CancellationToken,
         node_name: String,
         view: tokio::sync::watch::Receiver<Arc<crate::cluster::View>>,
+        replication: crate::replication::Replication,
     ) -> anyhow::Result<Consumers> {
         let fuel = limits.fuel_per_record > 0;
         let runtime = Arc::new(tokio::task::spawn_blocking(move || Runtime::new(fuel)).await??);
@@ -218,6 +223,8 @@ impl Consumers {
                 shutdown,
                 node_name,
                 view,
+                replication,
+                merges: Mutex::new(HashMap::new()),
             }),
         };
         let st = storage.clone();
@@ -700,6 +707,19 @@ impl Runner {
             ps.checkpoint = cp;
             ps.owned = true;
         }
+        // Progress other nodes made on this partition (e.g. while this node was away).
+        let merged = self
+            .inner
+            .merges
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&(self.spec.name.clone(), p)));
+        if let Some(theirs) = merged {
+            let vv = &mut self.parts[p as usize].checkpoint.version_vector;
+            for (o, seq) in theirs {
+                bump(vv, o, seq);
+            }
+        }
         let ps = self.parts[p as usize].clone();
         if ps.retry_at.is_some_and(|t| Instant::now() < t) {
             return Ok(false);
@@ -1025,23 +1045,53 @@ impl Runner {
             version_vector: vv,
             updated_ms: now_ms(),
         };
-        ops.push(cluster::checkpoint_op(
-            &self.spec,
-            p,
-            &checkpoint,
-            &out.state,
-        ));
         ops.push(Op::ConsumerCommit {
             name: self.spec.name.clone(),
             partition: p,
             checkpoint: checkpoint.clone(),
             state: out.state.clone(),
         });
-        self.inner
+        let topics: Vec<Option<Arc<str>>> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Append { topic, .. } => Some(topic.clone()),
+                _ => None,
+            })
+            .collect();
+        let outcomes = self
+            .inner
             .storage
             .write(ops)
             .await
             .map_err(CommitError::Storage)?;
+        // The checkpoint reaches the other nodes only once the batch's outputs meet their
+        // topics' acks policies, so a new owner never skips a record whose alerts exist on
+        // the dead owner's disk alone (I7). When they do not in time, this batch's
+        // checkpoint is not sent (a later one covers it); a failover then re-runs the batch
+        // and `_alerts` drops the repeated ids.
+        let writes: Vec<_> = topics
+            .into_iter()
+            .zip(&outcomes)
+            .filter_map(|(t, o)| match (t, o) {
+                (Some(t), crate::storage::OpOutcome::Appended { partition, id, .. }) => {
+                    Some((t, *partition, *id))
+                }
+                _ => None,
+            })
+            .collect();
+        match self.inner.replication.wait(&writes).await {
+            Ok(()) => {
+                let op = cluster::checkpoint_op(&self.spec, p, &checkpoint, &out.state);
+                self.inner
+                    .storage
+                    .write(vec![op])
+                    .await
+                    .map_err(CommitError::Storage)?;
+            }
+            Err(e) => {
+                tracing::debug!(consumer = %self.spec.name, partition = p, error = %e, "checkpoint kept local: outputs not replicated in time")
+            }
+        }
         if let Some(i) = self.instances.get_mut(&p) {
             i.committed(&out.state);
         }

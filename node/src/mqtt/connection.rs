@@ -669,9 +669,26 @@ impl Conn {
                 if let Some(e) = self.inbound.get(&pkid)
                     && e.awaiting_release
                 {
-                    // Retransmission before PUBREL: already stored (or queued ahead).
+                    // Retransmission before PUBREL: already stored (or queued ahead). Its
+                    // PUBREC still waits for the acks policy (an earlier wait may have
+                    // timed out): everything stored in its partition must be replicated.
                     self.flush().await?;
-                    self.push_acks(ready(Packet::PubRec(PubRec::new(pkid))), 1);
+                    let (topic, key) = self.broker.routes.resolve(&p.topic, &self.client_id);
+                    let partitions = self
+                        .broker
+                        .storage
+                        .topic(&topic)
+                        .map_or(1, |t| t.partitions);
+                    let partition = crate::route::partition_for(&key, partitions);
+                    let repl = self.broker.replication.clone();
+                    let rec = Packet::PubRec(PubRec::new(pkid));
+                    self.push_acks(
+                        Box::pin(async move {
+                            repl.wait_partition(&topic, partition).await?;
+                            Ok(vec![rec])
+                        }),
+                        1,
+                    );
                     return Ok(());
                 }
             }

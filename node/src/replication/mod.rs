@@ -185,6 +185,37 @@ impl Replication {
         Ok(())
     }
 
+    /// Waits until everything this node wrote to a partition so far meets the acks policy:
+    /// for retransmissions and retried loads whose records are already stored (a QoS 2
+    /// DUP, an idempotent `producer`/`sequence` seen before), so their ack still means I4.
+    pub async fn wait_partition(
+        &self,
+        topic: &Arc<str>,
+        p: PartitionId,
+    ) -> Result<(), StorageError> {
+        let st = self.shared.storage.clone();
+        let t = topic.clone();
+        let meta = tokio::task::spawn_blocking(move || st.partition_meta(&t, p))
+            .await
+            .map_err(|e| StorageError::Failed(e.to_string()))??;
+        let writes: Vec<_> = meta
+            .version_vector
+            .iter()
+            .filter(|(o, _)| self.shared.storage.is_own(*o))
+            .map(|(o, s)| {
+                (
+                    topic.clone(),
+                    p,
+                    RecordId {
+                        origin: crate::types::Origin(*o),
+                        seq: crate::types::Seq(*s),
+                    },
+                )
+            })
+            .collect();
+        self.wait(&writes).await
+    }
+
     /// Replicas' version vectors of a partition as last heard by anti-entropy.
     pub fn peer_vv(&self, node: &str, topic: &str, partition: u32) -> Option<Vv> {
         lock(&self.shared.peer_vvs)
@@ -390,7 +421,13 @@ async fn round(s: &Arc<Shared>, view: &View) -> Result<(), StorageError> {
                     .collect();
                 self::core::handoff_covered(&meta.version_vector, &theirs)
             };
-            if !covered.is_empty() {
+            // Only when some origin is covered entirely (origins are dropped whole): no empty,
+            // fsynced commits for a hint stream that is still growing.
+            let whole = meta
+                .version_vector
+                .iter()
+                .any(|(o, seq)| *seq <= self::core::vv_get(&covered, *o));
+            if whole {
                 let outcome = s
                     .storage
                     .write(vec![Op::DropCovered {
