@@ -89,3 +89,50 @@ async fn offenders_are_cut_off_and_everyone_else_is_served() {
     );
     n.stop().await;
 }
+
+/// The peer port refuses strangers: garbage, an oversized frame before `Hello`, and a
+/// `Hello` of another cluster each close only that connection; the node keeps serving.
+#[tokio::test]
+async fn peer_port_cuts_off_garbage_and_foreign_clusters() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let n = TestNode::start().await;
+    let peer = n.node.as_ref().unwrap().peer_addr;
+    let (mut healthy, _) = Client::connect(n.mqtt(), "healthy", true).await;
+    healthy.subscribe("healthy/#", QoS::AtLeastOnce).await;
+    let closed = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 64];
+        let r = tokio::time::timeout(shoal_tests::DEADLINE, s.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "expected the node to close: {r:?}"
+        );
+    };
+    let mut s = tokio::net::TcpStream::connect(peer).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    closed(s).await;
+    let mut s = tokio::net::TcpStream::connect(peer).await.unwrap();
+    s.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
+    closed(s).await;
+    // A well-formed Hello from cluster "other".
+    use shoal::replication::wire::{Frame, FrameCodec};
+    use tokio_util::codec::Encoder;
+    let mut hello = bytes::BytesMut::new();
+    FrameCodec::default()
+        .encode(
+            Frame::Hello {
+                cluster_id: "other".into(),
+                node_id: "intruder".into(),
+                origin: 1,
+                proto_min: 1,
+                proto_max: 1,
+            },
+            &mut hello,
+        )
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(peer).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    closed(s).await;
+    still_serving(&n, &mut healthy, 0).await;
+}

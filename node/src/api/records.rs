@@ -280,7 +280,9 @@ pub async fn read(
         let t = topic.clone();
         let h = have.clone();
         let (records, _) = tokio::task::spawn_blocking(move || {
-            storage.scan_missing(&t, partition, Offset(0), &h, None, limit, 4 << 20)
+            // Start at the first record the reader lacks (found from the end of the log).
+            let from = storage.resume_offset(&t, partition, &h)?;
+            storage.scan_missing(&t, partition, from, &h, None, limit, 4 << 20)
         })
         .await??;
         let mut vv = have;

@@ -111,9 +111,10 @@ enum Reply {
 /// A peer's connection to this node: it sends records and digests; acks go back in order.
 async fn inbound(s: Arc<Shared>, stream: TcpStream) -> Result<(), String> {
     let (r, w) = stream.into_split();
-    let mut reader = FramedRead::new(r, FrameCodec);
-    let mut writer = FramedWrite::new(w, FrameCodec);
+    let mut reader = FramedRead::new(r, FrameCodec::before_hello());
+    let mut writer = FramedWrite::new(w, FrameCodec::default());
     let peer = read_hello(&s, &mut reader).await?;
+    *reader.decoder_mut() = FrameCodec::default();
     writer.send(hello(&s)).await.map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::channel::<Reply>(256);
     let stop = s.shutdown.clone();
@@ -408,12 +409,13 @@ async fn session(
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let (r, w) = stream.into_split();
-    let mut reader = FramedRead::new(r, FrameCodec);
-    let mut writer = FramedWrite::new(w, FrameCodec);
+    let mut reader = FramedRead::new(r, FrameCodec::before_hello());
+    let mut writer = FramedWrite::new(w, FrameCodec::default());
     // Subscribe before anything is sent: every commit from here on is seen live.
     let mut live = s.storage.subscribe_committed();
     writer.send(hello(s)).await.map_err(|e| e.to_string())?;
     let theirs = read_hello(s, &mut reader).await?;
+    *reader.decoder_mut() = FrameCodec::default();
     if theirs != peer {
         return Err(format!("expected peer {peer:?}, {theirs:?} answered"));
     }

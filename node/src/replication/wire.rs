@@ -108,9 +108,28 @@ pub enum WireError {
     Io(#[from] std::io::Error),
 }
 
+/// Largest frame accepted before the peer's `Hello` was checked (a stranger cannot make
+/// a node reserve 16 MiB by connecting).
+pub const MAX_HELLO: usize = 4096;
+
 /// Length-prefixed postcard framing for peer connections.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct FrameCodec;
+#[derive(Debug, Clone, Copy)]
+pub struct FrameCodec {
+    max: usize,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec { max: MAX_FRAME }
+    }
+}
+
+impl FrameCodec {
+    /// The codec of a connection whose `Hello` is still to come.
+    pub fn before_hello() -> Self {
+        FrameCodec { max: MAX_HELLO }
+    }
+}
 
 impl Decoder for FrameCodec {
     type Item = Frame;
@@ -121,7 +140,7 @@ impl Decoder for FrameCodec {
             return Ok(None);
         };
         let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        if len > MAX_FRAME {
+        if len > self.max {
             return Err(WireError::TooLarge(len));
         }
         if src.len() < 4 + len {
@@ -164,9 +183,11 @@ mod tests {
     /// Golden bytes of every frame: a change here is a wire-format change.
     fn check(frame: Frame, golden: &str) {
         let mut buf = BytesMut::new();
-        FrameCodec.encode(frame.clone(), &mut buf).unwrap();
+        FrameCodec::default()
+            .encode(frame.clone(), &mut buf)
+            .unwrap();
         assert_eq!(hex(&buf), golden, "{frame:?}");
-        assert_eq!(FrameCodec.decode(&mut buf).unwrap(), Some(frame));
+        assert_eq!(FrameCodec::default().decode(&mut buf).unwrap(), Some(frame));
         assert!(buf.is_empty());
     }
 
@@ -276,7 +297,7 @@ mod tests {
     #[test]
     fn partial_oversized_and_trailing_frames() {
         let mut buf = BytesMut::new();
-        FrameCodec
+        FrameCodec::default()
             .encode(
                 Frame::Pull {
                     topic: "t".into(),
@@ -287,24 +308,24 @@ mod tests {
             )
             .unwrap();
         let mut partial = BytesMut::from(&buf[..buf.len() - 1]);
-        assert_eq!(FrameCodec.decode(&mut partial).unwrap(), None);
+        assert_eq!(FrameCodec::default().decode(&mut partial).unwrap(), None);
         let mut huge = BytesMut::from(&((MAX_FRAME as u32) + 1).to_be_bytes()[..]);
         assert!(matches!(
-            FrameCodec.decode(&mut huge),
+            FrameCodec::default().decode(&mut huge),
             Err(WireError::TooLarge(_))
         ));
         let mut trailing = BytesMut::new();
         trailing.put_u32(5);
         trailing.extend_from_slice(&[5, 0x00, 0x00, 0x00, 0xFF]); // Pull { "", 0, [] } + 1 byte
         assert!(matches!(
-            FrameCodec.decode(&mut trailing),
+            FrameCodec::default().decode(&mut trailing),
             Err(WireError::Trailing(1))
         ));
         let mut garbage = BytesMut::new();
         garbage.put_u32(2);
         garbage.extend_from_slice(&[0x63, 0x01]);
         assert!(matches!(
-            FrameCodec.decode(&mut garbage),
+            FrameCodec::default().decode(&mut garbage),
             Err(WireError::Decode(_))
         ));
     }

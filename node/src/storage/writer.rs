@@ -369,7 +369,9 @@ impl WriterState {
                 trimmed = self.trim(&wtx, as_of, &mut before, &mut touched)?;
             }
             for (key, covered) in &drops {
-                trimmed += self.drop_covered(&wtx, key, covered, &mut before, &mut touched)?;
+                let pending = appends.get(key).map(Vec::as_slice).unwrap_or(&[]);
+                trimmed +=
+                    self.drop_covered(&wtx, key, covered, pending, &mut before, &mut touched)?;
             }
             for ((topic, p), rows) in &appends {
                 let name = log_table_name(topic, *p);
@@ -653,6 +655,7 @@ impl WriterState {
         wtx: &redb::WriteTransaction,
         key: &(Arc<str>, u32),
         covered: &[(u64, u64)],
+        pending: &[(u64, Vec<u8>, Record)],
         before: &mut HashMap<(Arc<str>, u32), PartitionMeta>,
         touched: &mut Vec<(Arc<str>, u32)>,
     ) -> Result<u64, StorageError> {
@@ -660,11 +663,14 @@ impl WriterState {
             return Ok(0);
         };
         // Checked against the current version vector: an origin that grew since the
-        // replicas reported is not covered.
+        // replicas reported is not covered, nor is one appended to in this very
+        // transaction (its new rows are not in the table yet).
         let gone: Vec<u64> = meta
             .version_vector
             .iter()
-            .filter(|(o, s)| *s <= vv_get(covered, *o))
+            .filter(|(o, s)| {
+                *s <= vv_get(covered, *o) && !pending.iter().any(|(_, _, r)| r.id.origin.0 == *o)
+            })
             .map(|(o, _)| *o)
             .collect();
         if gone.is_empty() {
@@ -675,7 +681,8 @@ impl WriterState {
         let mut table = wtx.open_table(def)?;
         let mut doomed: Vec<u64> = Vec::new();
         let mut freed = 0u64;
-        let mut first_kept: Option<u64> = None;
+        // Rows appended by this transaction stay, and may be the first ones left.
+        let mut first_kept: Option<u64> = pending.iter().map(|(o, _, _)| *o).min();
         for item in table.range(meta.log_start..)? {
             let (k, v) = item?;
             let rec: Record =
@@ -687,7 +694,7 @@ impl WriterState {
                 doomed.push(k.value());
                 freed += v.value().len() as u64 + 8;
             } else {
-                first_kept.get_or_insert(k.value());
+                first_kept = Some(first_kept.map_or(k.value(), |f| f.min(k.value())));
             }
         }
         for k in &doomed {
