@@ -493,3 +493,20 @@ mod tests {
         check_err("[mqtt]\nmax_packet_size = 1", "max_packet_size");
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::*;
+
+    /// The README's "every setting" TOML block parses and validates as documented.
+    #[test]
+    fn readme_config_block_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\ndata_dir").expect("the config block") + 8;
+        let end = start + readme[start..].find("```").expect("its end");
+        let c = Config::from_toml(&readme[start..end]).expect("parses");
+        c.validate().expect("validates");
+        assert_eq!(c.cluster.cluster_id, "shoal");
+        assert_eq!(c.cluster.ack_timeout, Duration::from_secs(5));
+    }
+}
