@@ -298,7 +298,12 @@ impl Cluster {
 
     /// Waits until every running node sees exactly `n` live members.
     pub async fn wait_live(&self, n: usize) {
-        for i in self.running() {
+        self.wait_live_on(&self.running(), n).await;
+    }
+
+    /// Waits until each of `nodes` sees exactly `n` live members.
+    pub async fn wait_live_on(&self, nodes: &[usize], n: usize) {
+        for &i in nodes {
             let url = self.nodes[i].url();
             crate::eventually(
                 &format!("{} sees {n} live members", self.nodes[i].name),

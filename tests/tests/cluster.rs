@@ -223,22 +223,8 @@ topic = "events"
     let c = Cluster::start(3, toml).await;
     let ip = c.nodes[2].ip;
     c.net.isolate(ip);
-    for i in 0..2 {
-        let url = c.nodes[i].url();
-        eventually("the majority sees the cut-off node dead", || {
-            let url = url.clone();
-            async move {
-                let v = http_get(&url, "/v1/cluster").await;
-                let live = v["members"]
-                    .as_array()?
-                    .iter()
-                    .filter(|m| m["live"] == true)
-                    .count();
-                (live == 2).then_some(())
-            }
-        })
-        .await;
-    }
+    // The majority sees the cut-off node dead.
+    c.wait_live_on(&[0, 1], 2).await;
     let majority = Load::start(&c, "ev", &[("m1", vec![0]), ("m2", vec![1])]);
     let minority = Load::start(&c, "ev", &[("x1", vec![2])]);
     majority.more(300).await;
@@ -691,22 +677,7 @@ async fn a_restarted_node_alone_does_not_ack_what_needs_a_quorum() {
         "acked with one copy out of three: {seen:?}"
     );
     c.start_node(1).await;
-    for i in [0, 1] {
-        let url = c.nodes[i].url();
-        eventually("n1 and n2 see each other", || {
-            let url = url.clone();
-            async move {
-                let v = http_get(&url, "/v1/cluster").await;
-                let live = v["members"]
-                    .as_array()?
-                    .iter()
-                    .filter(|m| m["live"] == true)
-                    .count();
-                (live == 2).then_some(())
-            }
-        })
-        .await;
-    }
+    c.wait_live_on(&[0, 1], 2).await;
     let (mut client, _) = shoal_tests::Client::connect(c.nodes[0].mqtt(), "back", true).await;
     client
         .publish_acked("sensors/x", QoS::AtLeastOnce, false, b"2")

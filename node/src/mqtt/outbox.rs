@@ -225,14 +225,23 @@ impl Outbox {
             .max_by_key(|q| qos_num(*q))
     }
 
-    /// Packets to send now, as far as the in-flight window allows.
-    pub fn poll_send(&mut self, out: &mut Vec<Packet>) {
-        while let Some(p) = self.retained.front() {
-            if p.qos != QoS::AtMostOnce && !self.window_open() {
-                return;
+    /// Sends from a queue of ready packets (retained or relayed: no log position) while the
+    /// window allows; `false` when the window closed.
+    fn drain_ready(&mut self, retained: bool, out: &mut Vec<Packet>) -> bool {
+        loop {
+            let queue = if retained {
+                &mut self.retained
+            } else {
+                &mut self.direct
+            };
+            let Some(p) = queue.front() else {
+                return true;
+            };
+            if p.qos != QoS::AtMostOnce && self.inflight.len() >= self.max_inflight {
+                return false;
             }
-            let Some(mut p) = self.retained.pop_front() else {
-                break;
+            let Some(mut p) = queue.pop_front() else {
+                return true;
             };
             if p.qos != QoS::AtMostOnce {
                 p.pkid = self.alloc_pkid();
@@ -246,24 +255,12 @@ impl Outbox {
             }
             out.push(Packet::Publish(p));
         }
-        while let Some(p) = self.direct.front() {
-            if p.qos != QoS::AtMostOnce && !self.window_open() {
-                return;
-            }
-            let Some(mut p) = self.direct.pop_front() else {
-                break;
-            };
-            if p.qos != QoS::AtMostOnce {
-                p.pkid = self.alloc_pkid();
-                self.inflight.insert(
-                    p.pkid,
-                    Inflight {
-                        pos: None,
-                        state: OutState::Sent,
-                    },
-                );
-            }
-            out.push(Packet::Publish(p));
+    }
+
+    /// Packets to send now, as far as the in-flight window allows.
+    pub fn poll_send(&mut self, out: &mut Vec<Packet>) {
+        if !self.drain_ready(true, out) || !self.drain_ready(false, out) {
+            return;
         }
         while let Some(c) = self.pending.front() {
             let key: PartKey = (c.topic.clone(), c.partition.0);
