@@ -91,7 +91,12 @@ async fn threshold_alerts_reach_mqtt_http_and_sse() {
             .unwrap();
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
-    let s = status(&n, "hot").await;
+    // Counted once the batch's commit returned, which is just after its alerts are visible.
+    let s = eventually("the batch is counted", || async {
+        let s = status(&n, "hot").await;
+        (sum(&s, "records_in") > 0).then_some(s)
+    })
+    .await;
     assert_eq!(sum(&s, "records_in"), 3, "the filter skipped other/1: {s}");
     assert_eq!(sum(&s, "alerts_out"), 2);
     assert_eq!(sum(&s, "lag"), 0);
@@ -320,10 +325,15 @@ async fn state_and_checkpoints_survive_a_restart() {
     .await;
     assert_eq!(a.len(), 1);
     assert_eq!(a[0]["value"], 90.0);
-    let s = status(&n, "z").await;
+    // The status counts the batch once its commit returned (just after the alert is
+    // visible): wait for it, then check nothing before the restart was processed again.
+    let processed = eventually("the batch is counted", || async {
+        let n = sum(&status(&n, "z").await, "records_in");
+        (n > 0).then_some(n)
+    })
+    .await;
     assert_eq!(
-        sum(&s, "records_in"),
-        1,
+        processed, 1,
         "resumed after the checkpoint, nothing reprocessed"
     );
     n.stop().await;

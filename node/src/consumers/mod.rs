@@ -1064,37 +1064,10 @@ impl Runner {
             .write(ops)
             .await
             .map_err(CommitError::Storage)?;
-        // The checkpoint reaches the other nodes only once the batch's outputs meet their
-        // topics' acks policies, so a new owner never skips a record whose alerts exist on
-        // the dead owner's disk alone (I7). When they do not in time, this batch's
-        // checkpoint is not sent (a later one covers it); a failover then re-runs the batch
-        // and `_alerts` drops the repeated ids.
-        let writes: Vec<_> = topics
-            .into_iter()
-            .zip(&outcomes)
-            .filter_map(|(t, o)| match (t, o) {
-                (Some(t), crate::storage::OpOutcome::Appended { partition, id, .. }) => {
-                    Some((t, *partition, *id))
-                }
-                _ => None,
-            })
-            .collect();
-        match self.inner.replication.wait(&writes).await {
-            Ok(()) => {
-                let op = cluster::checkpoint_op(&self.spec, p, &checkpoint, &out.state);
-                self.inner
-                    .storage
-                    .write(vec![op])
-                    .await
-                    .map_err(CommitError::Storage)?;
-            }
-            Err(e) => {
-                tracing::debug!(consumer = %self.spec.name, partition = p, error = %e, "checkpoint kept local: outputs not replicated in time")
-            }
-        }
         if let Some(i) = self.instances.get_mut(&p) {
             i.committed(&out.state);
         }
+        let state_changes = out.state;
         let ps = &mut self.parts[p as usize];
         ps.checkpoint = checkpoint;
         ps.tries = 0;
@@ -1126,6 +1099,35 @@ impl Runner {
         self.publish_lag();
         if self.parts.iter().all(|p| p.tries == 0) {
             self.set_state("running");
+        }
+        // The checkpoint reaches the other nodes only once the batch's outputs meet their
+        // topics' acks policies, so a new owner never skips a record whose alerts exist on
+        // the dead owner's disk alone (I7). When they do not in time, this batch's
+        // checkpoint is not sent (a later one covers it); a failover then re-runs the batch
+        // and `_alerts` drops the repeated ids.
+        let writes: Vec<_> = topics
+            .into_iter()
+            .zip(&outcomes)
+            .filter_map(|(t, o)| match (t, o) {
+                (Some(t), crate::storage::OpOutcome::Appended { partition, id, .. }) => {
+                    Some((t, *partition, *id))
+                }
+                _ => None,
+            })
+            .collect();
+        match self.inner.replication.wait(&writes).await {
+            Ok(()) => {
+                let cp = self.parts[p as usize].checkpoint.clone();
+                let op = cluster::checkpoint_op(&self.spec, p, &cp, &state_changes);
+                self.inner
+                    .storage
+                    .write(vec![op])
+                    .await
+                    .map_err(CommitError::Storage)?;
+            }
+            Err(e) => {
+                tracing::debug!(consumer = %self.spec.name, partition = p, error = %e, "checkpoint kept local: outputs not replicated in time")
+            }
         }
         Ok(())
     }
