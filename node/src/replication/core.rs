@@ -1,13 +1,18 @@
-//! The sans-IO replication core (PROTOCOL.md I3, I4): plain state machines fed with events
-//! that return what to send and what to store. No sockets, no redb, no clock: the drivers
-//! own those, and tests run them over a simulated network.
+//! The sans-IO replication core (PROTOCOL.md I3-I6): pure decisions and plain state
+//! machines. No sockets, no redb, no clock: the drivers own those, and the simulations
+//! (`sim.rs`, and the single-link test below) run the same decisions over a simulated
+//! network.
 //!
-//! - [`Receiver`]: the replica side of one peer stream. It accepts `seq == hw + 1`, ignores
-//!   `seq <= hw`, and asks for a resend from `hw + 1` on a gap (I3).
-//! - [`Sender`]: the coordinator side towards one replica. It keeps what is not acknowledged
-//!   yet and resends from the replica's `have + 1` on a gap.
-//! - [`AckTracker`]: decides when a client write may be acknowledged under the topic's acks
-//!   policy, counting only durable acknowledgements (I4).
+//! - [`accept`] (I3): a replica takes `seq == vv[origin] + 1`, ignores `seq <= vv[origin]`
+//!   and reports a gap otherwise. The storage writer calls it inside the transaction that
+//!   appends replicated records.
+//! - [`lacks`], [`missing`], [`digest`]: anti-entropy comparisons (I5); [`handoff_covered`]:
+//!   what a non-replica may drop (I6).
+//! - [`AckTracker`] and [`required`]: when a client write may be acknowledged under the
+//!   topic's acks policy, counting only durable copies on the partition's replicas (I4).
+//! - [`Receiver`] and [`Sender`]: one peer stream in memory, for the single-link lossy
+//!   simulation. The TCP driver keeps no per-record send buffer: it resends from the log,
+//!   which already holds every record (`peer.rs`).
 
 use std::collections::{BTreeMap, VecDeque};
 
