@@ -45,6 +45,9 @@ pub enum Control {
         partition: u32,
         have: Vv,
         only: Option<u64>,
+        /// Push nothing beyond this (what this node held when it compared): later records
+        /// are on their way in the live stream, and re-sending them would only add load.
+        upto: Option<Vv>,
     },
 }
 
@@ -278,6 +281,7 @@ impl Shared {
                     partition,
                     have: vv,
                     only: None,
+                    upto: Some(mine),
                 },
             );
         }

@@ -248,6 +248,7 @@ async fn inbound(s: Arc<Shared>, stream: TcpStream) -> Result<(), String> {
                         partition,
                         have: version_vector,
                         only: None,
+                        upto: None,
                     },
                 ),
                 Frame::Trimmed {
@@ -559,7 +560,7 @@ async fn session(
                 } else {
                     0
                 };
-                push(s, &mut writer, &topic, partition, Offset(from), vec![(origin, have)], Some(origin)).await?;
+                push(s, &mut writer, &topic, partition, Offset(from), vec![(origin, have)], Some(origin), None).await?;
             }
             Some(c) = control.recv() => match c {
                 Control::Digest { topic, partition } => {
@@ -567,8 +568,8 @@ async fn session(
                     let f = Frame::Digest { topic, partition, digest: super::digest(&vv), version_vector: vv };
                     writer.send(f).await.map_err(|e| e.to_string())?;
                 }
-                Control::Push { topic, partition, have, only } => {
-                    push(s, &mut writer, &topic, partition, Offset(0), have, only).await?;
+                Control::Push { topic, partition, have, only, upto } => {
+                    push(s, &mut writer, &topic, partition, Offset(0), have, only, upto).await?;
                 }
             },
         }
@@ -577,6 +578,7 @@ async fn session(
 
 /// Sends the peer every record of a partition it lacks relative to `have`, read from the
 /// log in chunks (resends after a gap, anti-entropy, filling a joining node).
+#[allow(clippy::too_many_arguments)]
 async fn push(
     s: &Shared,
     writer: &mut Writer,
@@ -585,6 +587,7 @@ async fn push(
     from: Offset,
     have: Vv,
     only: Option<u64>,
+    upto: Option<Vv>,
 ) -> Result<(), String> {
     let have = Arc::new(have);
     let mut started: std::collections::HashSet<u64> = Default::default();
@@ -621,13 +624,16 @@ async fn push(
         })
         .await
         .map_err(|e| e.to_string())?;
-        let (records, next) = match scanned {
+        let (mut records, next) = match scanned {
             Ok(x) => x,
             Err(e) => {
                 tracing::debug!(topic, partition, error = %e, "cannot read for a push");
                 return Ok(());
             }
         };
+        if let Some(upto) = &upto {
+            records.retain(|r| r.id.seq.0 <= crate::replication::core::vv_get(upto, r.id.origin.0));
+        }
         for r in &records {
             let o = r.id.origin.0;
             if started.insert(o)
