@@ -183,7 +183,9 @@ impl Broker {
         if retain {
             ops.push(Op::SetRetained {
                 topic: subject.to_string(),
-                message: (!payload.is_empty()).then(|| RetainedMessage {
+                // An empty payload deletes; it is kept as a tombstone (an empty message) so
+                // an older retained message arriving later from another node loses to it.
+                message: Some(RetainedMessage {
                     topic: subject.to_string(),
                     qos: qos_n,
                     payload: payload.clone(),

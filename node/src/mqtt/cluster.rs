@@ -1,8 +1,8 @@
 //! MQTT state across the cluster. Retained messages and persistent sessions' subscriptions
 //! travel as records of two internal topics that every node replicates (replication factor
 //! 255, capped by placement at the live nodes); each node applies what other nodes wrote:
-//! - `_retained`: every retained PUBLISH (an empty payload deletes), last writer wins by
-//!   ingest time;
+//! - `_retained`: every retained PUBLISH (an empty payload deletes and is kept as a
+//!   tombstone), last writer wins by ingest time;
 //! - `_sessions`: a persistent session's subscriptions whenever they change, and its
 //!   deletion. A node applying one sets the session's cursors to its own log ends at that
 //!   moment (offsets are per node), so a device that fails over to it finds its
@@ -163,19 +163,17 @@ pub async fn sync(storage: Storage, stop: CancellationToken) {
 async fn apply_retained(storage: &Storage, r: &Record) -> Result<Option<Op>, String> {
     let st = storage.clone();
     let subject = r.subject.clone();
-    let current = tokio::task::spawn_blocking(move || {
-        st.retained()
-            .map(|all| all.into_iter().find(|m| m.topic == subject))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    let current = tokio::task::spawn_blocking(move || st.retained_entry(&subject))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     if current.is_some_and(|c| c.stored_ms > r.ingest_time_ms) {
         return Ok(None); // a later one is held here
     }
+    // An empty payload is stored as a tombstone, like a local delete.
     Ok(Some(Op::SetRetained {
         topic: r.subject.clone(),
-        message: (!r.payload.is_empty()).then(|| RetainedMessage {
+        message: Some(RetainedMessage {
             topic: r.subject.clone(),
             qos: r.mqtt_qos(),
             payload: r.payload.clone(),

@@ -717,7 +717,7 @@ impl Storage {
         Ok(Offset(lo))
     }
 
-    /// Every retained message (blocking); the MQTT layer filters them.
+    /// Every retained message, without tombstones (blocking); the MQTT layer filters them.
     pub fn retained(&self) -> Result<Vec<RetainedMessage>, StorageError> {
         let rtx = self.inner.db.begin_read()?;
         let Some(table) = open_opt(&rtx, RETAINED)? else {
@@ -726,14 +726,34 @@ impl Storage {
         let mut out = Vec::new();
         for item in table.iter()? {
             let (_, v) = item?;
-            out.push(
+            let m: RetainedMessage =
                 format::decode(v.value()).map_err(|source| StorageError::Corrupt {
                     table: "mqtt_retained".into(),
                     source,
-                })?,
-            );
+                })?;
+            // An empty payload is a tombstone: the message was deleted at `stored_ms`.
+            if !m.payload.is_empty() {
+                out.push(m);
+            }
         }
         Ok(out)
+    }
+
+    /// The retained entry of one MQTT topic, tombstones (empty payload) included, for
+    /// last-writer-wins across nodes (blocking).
+    pub fn retained_entry(&self, topic: &str) -> Result<Option<RetainedMessage>, StorageError> {
+        let rtx = self.inner.db.begin_read()?;
+        let Some(table) = open_opt(&rtx, RETAINED)? else {
+            return Ok(None);
+        };
+        let Some(v) = table.get(topic)? else {
+            return Ok(None);
+        };
+        let m = format::decode(v.value()).map_err(|source| StorageError::Corrupt {
+            table: "mqtt_retained".into(),
+            source,
+        })?;
+        Ok(Some(m))
     }
 
     /// A persistent MQTT session, if one is stored (blocking).

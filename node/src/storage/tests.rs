@@ -306,6 +306,23 @@ async fn mqtt_tables_roundtrip() {
     assert_eq!(s.session("c").unwrap(), None);
     assert!(s.inbound("c").unwrap().is_empty());
     assert!(s.retained().unwrap().is_empty());
+    // A delete kept as a tombstone (empty payload): not served, but its time is known.
+    s.write(vec![Op::SetRetained {
+        topic: "a/b".into(),
+        message: Some(RetainedMessage {
+            topic: "a/b".into(),
+            qos: 1,
+            payload: Bytes::new(),
+            stored_ms: 7,
+        }),
+    }])
+    .await
+    .unwrap();
+    assert!(s.retained().unwrap().is_empty());
+    assert_eq!(
+        s.retained_entry("a/b").unwrap().map(|m| m.stored_ms),
+        Some(7)
+    );
     s.shutdown().await;
 }
 
