@@ -249,15 +249,18 @@ impl Consumers {
         Ok(me)
     }
 
-    /// Whether this node's runner of `name` currently owns `partition`.
-    fn owns(&self, name: &str, partition: u32) -> bool {
-        let Some(topic) = self
-            .inner
+    /// The running deployment's spec of `name`.
+    fn spec(&self, name: &str) -> Option<ConsumerSpec> {
+        self.inner
             .deployments
             .lock()
             .ok()
-            .and_then(|d| d.get(name).map(|d| d.spec.topic.clone()))
-        else {
+            .and_then(|d| d.get(name).map(|d| d.spec.clone()))
+    }
+
+    /// Whether this node's runner of `name` currently owns `partition`.
+    fn owns(&self, name: &str, partition: u32) -> bool {
+        let Some(topic) = self.spec(name).map(|s| s.topic) else {
             return false;
         };
         let Some(cfg) = self.inner.storage.topic(&topic) else {
@@ -273,12 +276,7 @@ impl Consumers {
     /// that deploy or a later one.
     async fn apply_deploy(&self, spec: ConsumerSpec, module: Bytes) -> Result<(), String> {
         let _guard = self.inner.deploy_lock.lock().await;
-        let current = self
-            .inner
-            .deployments
-            .lock()
-            .ok()
-            .and_then(|d| d.get(&spec.name).map(|d| d.spec.clone()));
+        let current = self.spec(&spec.name);
         if current.is_some_and(|c| (c.deployed_ms, c.version) >= (spec.deployed_ms, spec.version)) {
             return Ok(());
         }
@@ -311,12 +309,7 @@ impl Consumers {
     /// Another node removed `name`.
     async fn apply_remove(&self, name: &str, at_ms: u64) -> Result<(), String> {
         let _guard = self.inner.deploy_lock.lock().await;
-        let current = self
-            .inner
-            .deployments
-            .lock()
-            .ok()
-            .and_then(|d| d.get(name).map(|d| d.spec.clone()));
+        let current = self.spec(name);
         if current.is_none_or(|c| c.deployed_ms > at_ms) {
             return Ok(());
         }
@@ -378,12 +371,7 @@ impl Consumers {
         .map_err(|e| DeployError::BadRequest(e.to_string()))??;
 
         let _guard = self.inner.deploy_lock.lock().await;
-        let previous = self
-            .inner
-            .deployments
-            .lock()
-            .ok()
-            .and_then(|d| d.get(&req.name).map(|d| d.spec.clone()));
+        let previous = self.spec(&req.name);
         let sha = sha256_hex(&req.module);
         let spec = ConsumerSpec {
             name: req.name.clone(),

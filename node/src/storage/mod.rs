@@ -574,10 +574,7 @@ impl Storage {
             }
             let (k, v) = item?;
             bytes += v.value().len();
-            let record = format::decode(v.value()).map_err(|source| StorageError::Corrupt {
-                table: name.clone(),
-                source,
-            })?;
+            let record = decode_in(&name, v.value())?;
             batch.records.push((Offset(k.value()), record));
         }
         Ok(batch)
@@ -613,11 +610,7 @@ impl Storage {
         };
         for item in table.range(meta.log_start..)?.rev() {
             let (k, v) = item?;
-            let record: Record =
-                format::decode(v.value()).map_err(|source| StorageError::Corrupt {
-                    table: name.clone(),
-                    source,
-                })?;
+            let record: Record = decode_in(&name, v.value())?;
             let o = record.id.origin.0;
             if need.get(&o).is_some_and(|first| record.id.seq.0 <= *first) {
                 need.remove(&o);
@@ -659,11 +652,7 @@ impl Storage {
             if out.len() >= limit || bytes >= max_bytes {
                 return Ok((out, Some(Offset(k.value()))));
             }
-            let record: Record =
-                format::decode(v.value()).map_err(|source| StorageError::Corrupt {
-                    table: name.clone(),
-                    source,
-                })?;
+            let record: Record = decode_in(&name, v.value())?;
             let o = record.id.origin.0;
             if only.is_some_and(|x| x != o)
                 || !crate::replication::core::missing(have, o, record.id.seq.0)
@@ -697,14 +686,7 @@ impl Storage {
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let ingest = match table.get(mid)? {
-                Some(v) => {
-                    format::decode::<Record>(v.value())
-                        .map_err(|source| StorageError::Corrupt {
-                            table: name.clone(),
-                            source,
-                        })?
-                        .ingest_time_ms
-                }
+                Some(v) => decode_in::<Record>(&name, v.value())?.ingest_time_ms,
                 // Trimmed concurrently: treat as older than anything.
                 None => 0,
             };
@@ -726,11 +708,7 @@ impl Storage {
         let mut out = Vec::new();
         for item in table.iter()? {
             let (_, v) = item?;
-            let m: RetainedMessage =
-                format::decode(v.value()).map_err(|source| StorageError::Corrupt {
-                    table: "mqtt_retained".into(),
-                    source,
-                })?;
+            let m: RetainedMessage = decode_in("mqtt_retained", v.value())?;
             // An empty payload is a tombstone: the message was deleted at `stored_ms`.
             if !m.payload.is_empty() {
                 out.push(m);
@@ -749,10 +727,7 @@ impl Storage {
         let Some(v) = table.get(topic)? else {
             return Ok(None);
         };
-        let m = format::decode(v.value()).map_err(|source| StorageError::Corrupt {
-            table: "mqtt_retained".into(),
-            source,
-        })?;
+        let m = decode_in("mqtt_retained", v.value())?;
         Ok(Some(m))
     }
 
@@ -763,12 +738,7 @@ impl Storage {
             return Ok(None);
         };
         match table.get(client_id)? {
-            Some(v) => Ok(Some(format::decode(v.value()).map_err(|source| {
-                StorageError::Corrupt {
-                    table: "mqtt_sessions".into(),
-                    source,
-                }
-            })?)),
+            Some(v) => Ok(Some(decode_in("mqtt_sessions", v.value())?)),
             None => Ok(None),
         }
     }
@@ -782,10 +752,7 @@ impl Storage {
         let mut out = Vec::new();
         for item in table.range((client_id, 0u16)..=(client_id, u16::MAX))? {
             let (k, v) = item?;
-            let entry = format::decode(v.value()).map_err(|source| StorageError::Corrupt {
-                table: "mqtt_inbound".into(),
-                source,
-            })?;
+            let entry = decode_in("mqtt_inbound", v.value())?;
             out.push((k.value().1, entry));
         }
         Ok(out)
@@ -908,7 +875,10 @@ fn open_opt<K: redb::Key + 'static, V: redb::Value + 'static>(
     }
 }
 
-fn decode_in<T: serde::de::DeserializeOwned>(table: &str, v: &[u8]) -> Result<T, StorageError> {
+pub(super) fn decode_in<T: serde::de::DeserializeOwned>(
+    table: &str,
+    v: &[u8],
+) -> Result<T, StorageError> {
     format::decode(v).map_err(|source| StorageError::Corrupt {
         table: table.to_string(),
         source,
@@ -997,11 +967,7 @@ fn load_state(db: &Database) -> Result<LoadedState, StorageError> {
     let table = rtx.open_table(TOPICS)?;
     for item in table.iter()? {
         let (k, v) = item?;
-        let cfg: TopicConfig =
-            format::decode(v.value()).map_err(|source| StorageError::Corrupt {
-                table: "topics".into(),
-                source,
-            })?;
+        let cfg: TopicConfig = decode_in("topics", v.value())?;
         let name: Arc<str> = Arc::from(k.value());
         for p in 0..cfg.partitions {
             parts.insert((name.clone(), p), read_partition_meta(&rtx, &name, p)?);
@@ -1060,10 +1026,7 @@ fn read_partition_meta(
         return Ok(PartitionMeta::default());
     };
     match table.get((topic, partition))? {
-        Some(v) => format::decode(v.value()).map_err(|source| StorageError::Corrupt {
-            table: "partitions".into(),
-            source,
-        }),
+        Some(v) => decode_in("partitions", v.value()),
         None => Ok(PartitionMeta::default()),
     }
 }

@@ -163,7 +163,7 @@ impl WriterState {
     > {
         let mut replies: Vec<(oneshot::Sender<Outcomes>, Outcomes)> = Vec::new();
         let mut new_topics: Vec<TopicConfig> = Vec::new();
-        let mut appends: BTreeMap<(Arc<str>, u32), Vec<(u64, Vec<u8>, Record)>> = BTreeMap::new();
+        let mut appends: Staged = BTreeMap::new();
         let mut touched: Vec<(Arc<str>, u32)> = Vec::new();
         let mut others: Vec<Op> = Vec::new();
         let mut retention: Option<u64> = None;
@@ -236,11 +236,7 @@ impl WriterState {
                         record,
                     } => {
                         let key = (topic.clone(), partition.0);
-                        let meta = self.parts.entry(key.clone()).or_default();
-                        if !before.contains_key(&key) {
-                            before.insert(key.clone(), meta.clone());
-                            touched.push(key.clone());
-                        }
+                        let meta = touch(&mut self.parts, &mut before, &mut touched, &key);
                         let origin = self.own.get(&key).copied().unwrap_or(self.origin.0);
                         let seq = bump_seq(&mut meta.version_vector, origin);
                         let offset = meta.next_offset;
@@ -258,9 +254,7 @@ impl WriterState {
                             payload: record.payload,
                             headers: record.headers,
                         };
-                        let value = format::encode(&rec);
-                        meta.bytes += value.len() as u64 + 8;
-                        appends.entry(key).or_default().push((offset, value, rec));
+                        stage(meta, &mut appends, &key, offset, rec);
                         appended += 1;
                         outcomes.push(OpOutcome::Appended {
                             partition,
@@ -274,11 +268,7 @@ impl WriterState {
                         records,
                     } => {
                         let key = (topic.clone(), partition.0);
-                        let meta = self.parts.entry(key.clone()).or_default();
-                        if !before.contains_key(&key) {
-                            before.insert(key.clone(), meta.clone());
-                            touched.push(key.clone());
-                        }
+                        let meta = touch(&mut self.parts, &mut before, &mut touched, &key);
                         let mut gaps: Vec<u64> = Vec::new();
                         for rec in records {
                             let (o, s) = (rec.id.origin.0, rec.id.seq.0);
@@ -299,12 +289,7 @@ impl WriterState {
                                 // but remembered, so this node never raises it again.
                                 alert_ids.insert(rec.key.clone());
                             }
-                            let value = format::encode(&rec);
-                            meta.bytes += value.len() as u64 + 8;
-                            appends
-                                .entry(key.clone())
-                                .or_default()
-                                .push((offset, value, rec));
+                            stage(meta, &mut appends, &key, offset, rec);
                             appended += 1;
                         }
                         outcomes.push(OpOutcome::Replicated {
@@ -685,11 +670,7 @@ impl WriterState {
         let mut first_kept: Option<u64> = pending.iter().map(|(o, _, _)| *o).min();
         for item in table.range(meta.log_start..)? {
             let (k, v) = item?;
-            let rec: Record =
-                format::decode(v.value()).map_err(|source| StorageError::Corrupt {
-                    table: name.clone(),
-                    source,
-                })?;
+            let rec: Record = super::decode_in(&name, v.value())?;
             if gone.contains(&rec.id.origin.0) {
                 doomed.push(k.value());
                 freed += v.value().len() as u64 + 8;
@@ -832,6 +813,41 @@ fn insert_seq(ranges: &mut Vec<(u64, u64)>, seq: u64) -> bool {
 /// Increments and returns the origin's seq in a sorted version vector.
 pub(crate) use crate::replication::core::vv_get;
 use crate::replication::core::{Accept, accept, vv_set};
+
+/// Rows of a transaction by partition: (offset, encoded value, record).
+type Staged = BTreeMap<(Arc<str>, u32), Vec<(u64, Vec<u8>, Record)>>;
+
+/// A partition's in-memory meta, remembering its state before this transaction (to undo
+/// it if the commit fails) and that it must be written.
+fn touch<'a>(
+    parts: &'a mut HashMap<(Arc<str>, u32), PartitionMeta>,
+    before: &mut HashMap<(Arc<str>, u32), PartitionMeta>,
+    touched: &mut Vec<(Arc<str>, u32)>,
+    key: &(Arc<str>, u32),
+) -> &'a mut PartitionMeta {
+    let meta = parts.entry(key.clone()).or_default();
+    if !before.contains_key(key) {
+        before.insert(key.clone(), meta.clone());
+        touched.push(key.clone());
+    }
+    meta
+}
+
+/// Encodes a record for the log at `offset` and counts its bytes in the partition's meta.
+fn stage(
+    meta: &mut PartitionMeta,
+    appends: &mut Staged,
+    key: &(Arc<str>, u32),
+    offset: u64,
+    rec: Record,
+) {
+    let value = format::encode(&rec);
+    meta.bytes += value.len() as u64 + 8;
+    appends
+        .entry(key.clone())
+        .or_default()
+        .push((offset, value, rec));
+}
 
 fn bump_seq(vv: &mut Vec<(u64, u64)>, origin: u64) -> u64 {
     match vv.binary_search_by_key(&origin, |(o, _)| *o) {
